@@ -1,0 +1,393 @@
+"""The LLaDA mask predictor: a Llama-style transformer without a causal mask.
+
+Every position attends to every position (optionally restricted by a key-padding mask and by
+segment ids for packed rows). Parameters and the main activations carry logical axis names
+(`batch, length, embed, heads, head_dim, mlp, vocab`, plus `layers` when layers are scanned) that
+`llada_jax.sharding` maps onto a device mesh.
+
+Parameter names mirror the Hugging Face LLaDA checkpoint (`q_proj`, `attn_out`, `ff_proj`, ...) so
+conversion is a rename plus a transpose. Kernels are stored `[in, out]` with heads split out:
+`q_proj [embed, heads, head_dim]`, `attn_out [heads, head_dim, embed]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+_ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of the mask predictor (REFERENCE section 1)."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  mlp_hidden_size: int
+  n_kv_heads: int | None = None  # None: plain multi-head attention.
+  head_dim: int | None = None  # None: d_model // n_heads.
+  rope_theta: float = 500000.0
+  norm_eps: float = 1e-5
+  mask_token_id: int = 126336
+  eos_token_id: int = 126081
+  bos_token_id: int = 126080
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype of activations and matmul inputs.
+  remat: str = "none"  # one of _REMAT_POLICIES.
+  scan_layers: bool = False
+  attention_impl: str = "xla"  # "xla": einsum + float32 softmax; "jax"/"cudnn": jax.nn.dot_product_attention.
+
+  def __post_init__(self):
+    def fail(field, expected):
+      raise ValueError(f"model.{field}={getattr(self, field)!r}: expected {expected}")
+
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden_size"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+        fail(field, "a positive integer")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      fail("n_heads", f"a divisor of d_model={self.d_model} (or set head_dim)")
+    if self.n_heads % self.kv_heads:
+      fail("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
+    if self.resolved_head_dim % 2:
+      fail("head_dim", "an even number (RoPE rotates pairs)")
+    for field in ("param_dtype", "dtype"):
+      if getattr(self, field) not in _DTYPES:
+        fail(field, f"one of {sorted(_DTYPES)}")
+    if self.remat not in _REMAT_POLICIES:
+      fail("remat", f"one of {sorted(_REMAT_POLICIES)}")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      fail("attention_impl", f"one of {_ATTENTION_IMPLS}")
+    for field in ("mask_token_id", "eos_token_id", "bos_token_id"):
+      if not 0 <= getattr(self, field) < self.vocab_size:
+        fail(field, f"an id in [0, vocab_size={self.vocab_size})")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"model config: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**dict(values))
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    """Exact parameter count, from the shapes alone."""
+    d, hd, m, v = self.d_model, self.resolved_head_dim, self.mlp_hidden_size, self.vocab_size
+    attn = d * hd * (2 * self.n_heads + 2 * self.kv_heads)
+    per_layer = attn + 3 * d * m + 2 * d
+    total = self.n_layers * per_layer + d
+    if include_embedding:
+      total += 2 * v * d
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation ("mitchell", REFERENCE section 1): truncated normal cut at +-3 sigma, where sigma
+# is the std of the untruncated normal (as torch.nn.init.trunc_normal_).
+
+
+def _trunc_normal(std: float) -> Callable:
+  return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def _depth_scaled_trunc_normal(std: float) -> Callable:
+  """Output projections shrink with depth: std / sqrt(2 (l + 1)) for layer l.
+
+  The layer index arrives as an init argument so the same code works when layers are scanned
+  (the index is then a traced value of the scan).
+  """
+
+  def init(key, shape, dtype, layer_index):
+    # Scaling a +-3 sigma truncated normal by c gives the +-3 (c sigma) truncated normal.
+    scale = jax.lax.rsqrt(2.0 * (jnp.asarray(layer_index, jnp.float32) + 1.0))
+    return (_trunc_normal(std)(key, shape, jnp.float32) * scale).astype(dtype)
+
+  return init
+
+
+def _param(module: nn.Module, name: str, init: Callable, shape, axes, dtype, *args) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype, *args)
+
+
+def _constrain(x: Array, axes) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm in float32, cast back to the input dtype, then times the weight (no bias)."""
+
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    weight = _param(self, "weight", nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """float32 (sin, cos) of shape [batch, length, head_dim] for half-split rotary embedding."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, hd/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x_bthd: Array, sin_btd: Array, cos_btd: Array) -> Array:
+  """Rotates the two halves of each head ("rotate_half", not interleaved), in float32."""
+  x = x_bthd.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]
+  return out.astype(x_bthd.dtype)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Positions that restart at 0 at the start of each (contiguous) segment of a packed row."""
+  length = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[..., :1], dtype=bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  segment_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+  return idx - segment_start
+
+
+def attention_mask(key_mask: Array | None, segment_ids: Array | None) -> Array | None:
+  """Boolean [batch, 1, q, k] mask: keys that are real and in the query's segment.
+
+  There is no causal part: the mask predictor is bidirectional.
+  """
+  mask = None
+  if key_mask is not None:
+    mask = key_mask.astype(bool)[:, None, None, :]
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = same if mask is None else mask & same
+  return mask
+
+
+def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
+  """Grouped-query attention with the softmax in float32."""
+  b, t, h, d = q_bthd.shape
+  kv = k_bskd.shape[2]
+  q = q_bthd.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    # A large finite negative keeps fully masked (padding) query rows finite.
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, rope: tuple[Array, Array], mask: Array | None, layer_index) -> Array:
+    cfg = self.config
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim
+    pdt, cdt = cfg.weight_dtype, cfg.compute_dtype
+    std = 1.0 / math.sqrt(d)
+    w_q = _param(self, "q_proj", _trunc_normal(std), (d, h, hd), ("embed", "heads", "head_dim"), pdt)
+    w_k = _param(self, "k_proj", _trunc_normal(std), (d, kv, hd), ("embed", "heads", "head_dim"), pdt)
+    w_v = _param(self, "v_proj", _trunc_normal(std), (d, kv, hd), ("embed", "heads", "head_dim"), pdt)
+    w_o = _param(self, "attn_out", _depth_scaled_trunc_normal(std), (h, hd, d), ("heads", "head_dim", "embed"),
+                 pdt, layer_index)
+
+    x = x_btd.astype(cdt)
+    qkv_axes = ("batch", "length", "heads", "head_dim")
+    q = _constrain(jnp.einsum("btd,dhk->bthk", x, w_q.astype(cdt)), qkv_axes)
+    k = _constrain(jnp.einsum("btd,dhk->bthk", x, w_k.astype(cdt)), qkv_axes)
+    v = _constrain(jnp.einsum("btd,dhk->bthk", x, w_v.astype(cdt)), qkv_axes)
+    sin, cos = rope
+    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+
+    scale = 1.0 / math.sqrt(hd)
+    if cfg.attention_impl == "xla":
+      out = _xla_attention(q, k, v, mask, scale)
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask, scale=scale,
+          implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+    out = _constrain(out, qkv_axes)
+    return jnp.einsum("bthk,hkd->btd", out, w_o.astype(cdt))
+
+
+class MLP(nn.Module):
+  """SwiGLU: ff_out(silu(ff_proj(x)) * up_proj(x))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, layer_index) -> Array:
+    cfg = self.config
+    d, m = cfg.d_model, cfg.mlp_hidden_size
+    pdt, cdt = cfg.weight_dtype, cfg.compute_dtype
+    w_gate = _param(self, "ff_proj", _trunc_normal(1 / math.sqrt(d)), (d, m), ("embed", "mlp"), pdt)
+    w_up = _param(self, "up_proj", _trunc_normal(1 / math.sqrt(d)), (d, m), ("embed", "mlp"), pdt)
+    w_down = _param(self, "ff_out", _depth_scaled_trunc_normal(1 / math.sqrt(m)), (m, d), ("mlp", "embed"),
+                    pdt, layer_index)
+    x = x_btd.astype(cdt)
+    gate = jnp.einsum("btd,dm->btm", x, w_gate.astype(cdt))
+    up = jnp.einsum("btd,dm->btm", x, w_up.astype(cdt))
+    hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("btm,md->btd", hidden, w_down.astype(cdt))
+
+
+class Block(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, rope, mask, layer_index):
+    cfg = self.config
+    h = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="attn_norm")(x_btd)
+    x_btd = x_btd + Attention(cfg, name="attn")(h, rope, mask, layer_index)
+    h = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="ff_norm")(x_btd)
+    x_btd = x_btd + MLP(cfg, name="mlp")(h, layer_index)
+    return _constrain(x_btd, ("batch", "length", "embed"))
+
+
+class _ScannedBlock(nn.Module):
+  """Adapts Block to nn.scan's (carry, xs) -> (carry, ys) convention."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd, layer_index, rope, mask):
+    return _block_class(self.config)(self.config, name="block")(x_btd, rope, mask, layer_index), None
+
+
+def _block_class(cfg: ModelConfig):
+  policy = _REMAT_POLICIES[cfg.remat]
+  if cfg.remat == "none":
+    return Block
+  # prevent_cse is unnecessary (and slower) inside scan, which already blocks CSE across steps.
+  return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class LLaDA(nn.Module):
+  """The mask predictor. `__call__(tokens) -> float32 logits [batch, length, vocab]`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, key_mask: Array | None = None, segment_ids: Array | None = None,
+               positions: Array | None = None) -> Array:
+    cfg = self.config
+    pdt, cdt = cfg.weight_dtype, cfg.compute_dtype
+    embedding = _param(self, "wte", _trunc_normal(1 / math.sqrt(cfg.d_model)), (cfg.vocab_size, cfg.d_model),
+                       ("vocab", "embed"), pdt)
+    x = _constrain(jnp.take(embedding, tokens, axis=0).astype(cdt), ("batch", "length", "embed"))
+
+    if positions is None:
+      if segment_ids is not None:
+        positions = positions_from_segments(segment_ids)
+      else:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    rope = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+    mask = attention_mask(key_mask, segment_ids)
+
+    if cfg.scan_layers:
+      blocks = nn.scan(
+          _ScannedBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast),
+          length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="blocks")
+      x, _ = blocks(x, jnp.arange(cfg.n_layers), rope, mask)
+    else:
+      block_cls = _block_class(cfg)
+      for i in range(cfg.n_layers):
+        x = block_cls(cfg, name=f"blocks_{i}")(x, rope, mask, i)
+
+    x = RMSNorm(cfg.norm_eps, pdt, name="ln_f")(x)
+    w_head = _param(self, "ff_out", _trunc_normal(1 / math.sqrt(cfg.d_model)), (cfg.d_model, cfg.vocab_size),
+                    ("embed", "vocab"), pdt)
+    # float32 logits: the losses and the sampler's confidences need the precision.
+    logits = jnp.einsum("btd,dv->btv", x, w_head.astype(cdt), preferred_element_type=jnp.float32)
+    return _constrain(logits, ("batch", "length", "vocab"))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functional entry points.
+
+LogitsFn = Callable[..., Array]  # (params, tokens, *, key_mask=None, segment_ids=None, positions=None) -> logits
+
+
+def logits_fn(config: ModelConfig) -> LogitsFn:
+  """`(params, tokens, **masks) -> logits`: the only view of the model the objectives need."""
+  module = LLaDA(config)
+
+  def apply(params, tokens, **kwargs):
+    return module.apply({"params": params}, tokens, **kwargs)
+
+  return apply
+
+
+def _boxed_init(config: ModelConfig, key: Array, length: int):
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return LLaDA(config).init(key, tokens)["params"]
+
+
+def init_params(config: ModelConfig, key: Array, length: int = 8):
+  """Freshly initialised parameters (plain arrays; see `logical_axes` for their axis names)."""
+  return nn.meta.unbox(_boxed_init(config, key, length))
+
+
+def abstract_params(config: ModelConfig):
+  """Shapes and dtypes of the parameters, with no allocation."""
+  return nn.meta.unbox(jax.eval_shape(lambda k: _boxed_init(config, k, 8), jax.random.key(0)))
+
+
+def logical_axes(config: ModelConfig):
+  """A pytree like the params whose leaves are `PartitionSpec`s of logical axis names."""
+  boxed = jax.eval_shape(lambda k: _boxed_init(config, k, 8), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))

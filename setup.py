@@ -1,0 +1,33 @@
+"""llada_jax: training and aligning masked diffusion language models in JAX."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "sentencepiece>=0.2.0,<0.3",
+    "ml_collections>=1.1.0,<2",
+    "chex>=0.1.92,<0.2",
+    "absl-py>=2.1,<3",
+    "numpy>=1.26",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+}
+
+setuptools.setup(
+    name="llada_jax",
+    version="0.1.0",
+    description="Training and aligning LLaDA-style masked diffusion language models in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
