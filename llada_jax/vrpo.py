@@ -1,0 +1,200 @@
+"""VRPO: DPO on ELBO estimates with variance reduction (LLaDA 1.5, REFERENCE section 5).
+
+    score = beta * [(B_theta(y_w) - B_ref(y_w)) - (B_theta(y_l) - B_ref(y_l))]
+    loss  = -log sigmoid(score)
+
+Each B is an ELBO estimate with budget n = n_timesteps * masks_per_timestep. Antithetic sampling
+gives the policy and the frozen reference the SAME timesteps and masks for a response (they are
+derived from the same key), so their estimation noise cancels in the differences; nothing is
+shared between y_w and y_l. The naive-DPO baseline is n_t = n_yt = 1 without antithetic sampling.
+
+Batch (preferences): 'chosen', 'rejected' [B, L] int32 (prompt + response + EOS, EOS-padded),
+'prompt_lengths', 'chosen_lengths', 'rejected_lengths' (valid tokens) and 'example_id' [B].
+Padding beyond the lengths is neither attended to nor scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llada_jax import diffusion
+from llada_jax.model import LogitsFn
+
+Array = jax.Array
+
+# Key tags: fold_in(example_key, tag). The reference reuses the policy's tags when antithetic.
+_CHOSEN, _REJECTED, _REF_CHOSEN, _REF_REJECTED = 0, 1, 2, 3
+_SFT_TAG = 0x5F7  # folded into the step key for the optional SFT term
+
+
+def preference_score(policy_chosen: Array, reference_chosen: Array, policy_rejected: Array,
+                     reference_rejected: Array, beta: float) -> Array:
+  return beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+
+
+def dpo_loss(score: Array) -> Array:
+  return -jax.nn.log_sigmoid(score)
+
+
+@dataclasses.dataclass(frozen=True)
+class VRPOConfig:
+  beta: float = 0.2
+  n_timesteps: int = 8
+  masks_per_timestep: int = 1
+  antithetic: bool = True
+  estimator: str = "l_over_L"
+  stratified: bool = False
+  sft_weight: float = 0.0  # the paper adds 0.05 x the SFT loss on the chosen responses
+  eps: float = diffusion.DEFAULT_EPS
+
+  @property
+  def elbo(self) -> diffusion.ELBOConfig:
+    return diffusion.ELBOConfig(self.n_timesteps, self.masks_per_timestep, self.estimator, self.stratified,
+                                self.eps)
+
+  @classmethod
+  def naive_dpo(cls, **overrides) -> "VRPOConfig":
+    return cls(**{"n_timesteps": 1, "masks_per_timestep": 1, "antithetic": False, **overrides})
+
+
+def _pair_inputs(batch):
+  """Chosen and rejected stacked into one [2B, L] batch, so each model runs one forward pass."""
+  tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)
+  prompt_lengths = jnp.concatenate([batch["prompt_lengths"]] * 2, axis=0)
+  lengths = jnp.concatenate([batch["chosen_lengths"], batch["rejected_lengths"]], axis=0)
+  return tokens, prompt_lengths, lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class VRPOLoss:
+  """`loss_fn(params, batch, key, reference_params) -> (loss, metrics)`.
+
+  The reference is never differentiated. If the batch carries 'reference_chosen_elbo' and
+  'reference_rejected_elbo' (computed ahead of time with `reference_elbos` and the same key), the
+  reference model is not run at all.
+  """
+
+  logits_fn: LogitsFn
+  mask_id: int
+  config: VRPOConfig = VRPOConfig()
+
+  def _masks(self, key, batch, tags):
+    """Masks [2B, n, L] and weights [2B, n] for (chosen, rejected) from per-example keys."""
+    tokens, prompt_lengths, lengths = _pair_inputs(batch)
+    answer = diffusion.answer_mask(prompt_lengths, lengths, tokens.shape[1])
+    ex_keys = diffusion.example_keys(key, batch["example_id"])
+    keys = jnp.concatenate([jax.vmap(jax.random.fold_in, (0, None))(ex_keys, t) for t in tags], axis=0)
+    return diffusion.sample_batch_elbo_masks(keys, answer, self.config.elbo)
+
+  def _elbos(self, params, key, batch, tags):
+    tokens, _, lengths = _pair_inputs(batch)
+    masks, weights = self._masks(key, batch, tags)
+    estimate, _ = diffusion.elbo_from_masks(self.logits_fn, params, tokens, masks, weights, mask_id=self.mask_id,
+                                            key_mask_bl=diffusion.valid_mask(lengths, tokens.shape[1]))
+    return jnp.split(estimate, 2)
+
+  def policy_elbos(self, params, batch, key):
+    return self._elbos(params, key, batch, (_CHOSEN, _REJECTED))
+
+  def reference_elbos(self, reference_params, batch, key):
+    """B_ref(y_w), B_ref(y_l): with antithetic sampling, on the policy's own masks."""
+    tags = (_CHOSEN, _REJECTED) if self.config.antithetic else (_REF_CHOSEN, _REF_REJECTED)
+    chosen, rejected = self._elbos(jax.lax.stop_gradient(reference_params), key, batch, tags)
+    return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+
+  def per_pair(self, params, batch, key, reference_params=None):
+    """Per-pair score and DPO loss [B], and the four ELBOs."""
+    policy_chosen, policy_rejected = self.policy_elbos(params, batch, key)
+    if "reference_chosen_elbo" in batch:
+      ref_chosen, ref_rejected = batch["reference_chosen_elbo"], batch["reference_rejected_elbo"]
+    elif reference_params is None:
+      raise ValueError("VRPOLoss needs reference_params, or 'reference_chosen_elbo'/'reference_rejected_elbo' "
+                       "in the batch")
+    else:
+      ref_chosen, ref_rejected = self.reference_elbos(reference_params, batch, key)
+    score = preference_score(policy_chosen, ref_chosen, policy_rejected, ref_rejected, self.config.beta)
+    elbos = dict(policy_chosen=policy_chosen, policy_rejected=policy_rejected, reference_chosen=ref_chosen,
+                 reference_rejected=ref_rejected)
+    return score, dpo_loss(score), elbos
+
+  def __call__(self, params, batch, key, reference_params=None):
+    cfg = self.config
+    score, losses, elbos = self.per_pair(params, batch, key, reference_params)
+    preference_loss = losses.mean()
+    chosen_reward = cfg.beta * (elbos["policy_chosen"] - elbos["reference_chosen"])
+    rejected_reward = cfg.beta * (elbos["policy_rejected"] - elbos["reference_rejected"])
+    metrics = {
+        "preference_loss": preference_loss,
+        "score": score.mean(),
+        "reward_margin": (chosen_reward - rejected_reward).mean(),
+        "chosen_reward": chosen_reward.mean(),
+        "rejected_reward": rejected_reward.mean(),
+        "preference_accuracy": (score > 0).mean(),
+    }
+    loss = preference_loss
+    if cfg.sft_weight:
+      sft, _ = diffusion.sft_loss(self.logits_fn, params, batch["chosen"], batch["prompt_lengths"],
+                                  jax.random.fold_in(key, _SFT_TAG), mask_id=self.mask_id, eps=cfg.eps,
+                                  lengths=batch["chosen_lengths"])
+      metrics["sft_loss"] = sft
+      loss = loss + cfg.sft_weight * sft
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Variance diagnostics (paper Table 2).
+
+
+def block0_ffn_up_projection(params) -> Array:
+  """The paper's gradient proxy: block 0's FFN up-projection, scanned or not."""
+  if "blocks_0" in params:
+    return params["blocks_0"]["mlp"]["up_proj"]
+  return params["blocks"]["block"]["mlp"]["up_proj"][0]
+
+
+def variance_diagnostics(loss: VRPOLoss, params, reference_params, batches, key: Array, *, n_repeats: int = 8,
+                         grad_proxy: Callable = block0_ffn_up_projection) -> dict:
+  """Variance over repeated draws of the preference score, the loss and a gradient proxy.
+
+  For each repeat r the whole set of batches is evaluated with key fold_in(key, r); the data are
+  fixed, so all spread comes from the sampled timesteps and masks. Reported:
+    score_variance:    mean over pairs of Var_r[score of the pair]
+    loss_variance:     mean over batches of Var_r[batch mean DPO loss]
+    gradient_variance: mean over batches of sum over proxy entries of Var_r[d loss / d entry]
+  Variances are unbiased (ddof=1). The SFT term is left out: the quantities are the DPO ones.
+  """
+  if n_repeats < 2:
+    raise ValueError(f"n_repeats={n_repeats}: expected at least 2 to measure a variance")
+  dpo = dataclasses.replace(loss, config=dataclasses.replace(loss.config, sft_weight=0.0))
+
+  @jax.jit
+  def evaluate(params, reference_params, batch, key):
+    def batch_loss(p):
+      score, losses, _ = dpo.per_pair(p, batch, key, reference_params)
+      return losses.mean(), score
+
+    (mean_loss, score), grads = jax.value_and_grad(batch_loss, has_aux=True)(params)
+    return score, mean_loss, grad_proxy(grads)
+
+  scores, losses, grads = [], [], []
+  for r in range(n_repeats):
+    key_r = jax.random.fold_in(key, r)
+    out = [evaluate(params, reference_params, batch, key_r) for batch in batches]
+    scores.append(np.concatenate([np.asarray(o[0]) for o in out]))
+    losses.append(np.stack([np.asarray(o[1]) for o in out]))
+    grads.append(np.stack([np.asarray(o[2], np.float64) for o in out]))
+  scores, losses, grads = np.stack(scores), np.stack(losses), np.stack(grads)  # leading axis: repeats
+  grad_var = grads.var(axis=0, ddof=1).reshape(len(batches), -1).sum(axis=1)
+  return {
+      "score_variance": float(scores.var(axis=0, ddof=1).mean()),
+      "loss_variance": float(losses.var(axis=0, ddof=1).mean()),
+      "gradient_variance": float(grad_var.mean()),
+      "score_mean": float(scores.mean()),
+      "loss_mean": float(losses.mean()),
+  }
