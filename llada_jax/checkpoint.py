@@ -1,0 +1,513 @@
+"""Checkpointing: train state, data-iterator position and run metadata, saved and restored with Orbax.
+
+One step directory holds three items of an Orbax Composite checkpoint:
+
+  state         the train state pytree (params, opt_state, step, ...), sharded arrays
+  data          the Grain iterator position (per process), when the loop passes an iterator
+  run_metadata  a small JSON dict (the config, versions, ...)
+
+Orbax writes each step into a temporary directory and commits it atomically (a rename locally, a
+commit_success.txt file on GCS), so a run killed mid-save leaves nothing that `latest_step` or
+`restore` will pick up. Paths go through `etils.epath`, so `gs://` directories work unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+try:
+  import grain
+  _GRAIN_CHECKPOINT = grain.checkpoint
+except (ImportError, AttributeError):  # Grain is only needed when a data iterator is passed.
+  _GRAIN_CHECKPOINT = None
+
+__all__ = [
+    "CheckpointManager",
+    "PreemptionWatcher",
+    "load_params",
+    "abstract_like",
+]
+
+STATE = "state"
+DATA = "data"
+RUN_METADATA = "run_metadata"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree paths and validation
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(_key_name(k) for k in path)
+
+
+def _path_str(keys: Sequence[str]) -> str:
+  return ".".join(keys)
+
+
+def _flatten_expected(tree) -> dict[str, tuple[int, ...]]:
+  """Path -> shape for the leaves of a pytree of arrays / ShapeDtypeStructs."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_path_str(_path_keys(p)): tuple(np.shape(x)) for p, x in leaves}
+
+
+def _flatten_stored(tree, prefix=()) -> dict[str, tuple[int, ...] | None]:
+  """Path -> shape for the leaves of an Orbax metadata tree (nested dicts and lists).
+
+  Orbax stores namedtuples and dataclasses as dicts keyed by field name and tuples as lists, which
+  is exactly how `_path_str` names jax key paths. Empty nodes (optax EmptyState, {}) are None or
+  empty containers here and have no leaves in the jax tree, so they are skipped.
+  """
+  out = {}
+  if isinstance(tree, Mapping):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = enumerate(tree)
+  else:
+    if tree is not None:
+      shape = getattr(tree, "shape", None)
+      out[_path_str(prefix)] = None if shape is None else tuple(shape)
+    return out
+  for k, v in items:
+    out.update(_flatten_stored(v, prefix + (str(k),)))
+  return out
+
+
+def _first_mismatch(expected: Mapping, found: Mapping) -> str | None:
+  """A description of the first path where the expected tree and the stored tree disagree."""
+  for path, shape in expected.items():
+    if path not in found:
+      return f"'{path}' (shape {shape}) is not in the checkpoint"
+    if found[path] is not None and tuple(found[path]) != tuple(shape):
+      return f"'{path}': expected shape {shape}, found {found[path]}"
+  for path, shape in found.items():
+    if path not in expected:
+      return f"'{path}' (shape {shape}) is in the checkpoint but not in the expected tree"
+  return None
+
+
+def _stored_tree(item_metadata) -> Any:
+  return getattr(item_metadata, "tree", item_metadata)
+
+
+def _with_shardings(abstract_tree, what: str):
+  """ShapeDtypeStructs with a sharding on every leaf; a single process may omit them."""
+
+  def leaf(x):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      if jax.process_count() > 1:
+        raise ValueError(f"{what}: every leaf needs a sharding in a multi-process run.")
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+  return jax.tree.map(leaf, abstract_tree)
+
+
+def abstract_like(tree):
+  """The restore target for a pytree of arrays: same shapes, dtypes and shardings."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if isinstance(x, Mapping):
+    return dict(x)
+  if isinstance(x, (set, frozenset)):
+    return sorted(x)
+  return str(x)
+
+
+def _to_json_dict(metadata: Mapping[str, Any]) -> dict[str, Any]:
+  # Done eagerly so a value JSON cannot encode fails here, not in Orbax's background thread.
+  return json.loads(json.dumps(dict(metadata), default=_json_default))
+
+
+def _steps_message(steps: Sequence[int]) -> str:
+  return f"available steps: {sorted(steps)}" if steps else "it holds no finished checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint manager
+
+
+class CheckpointManager:
+  """Saves and restores the train state, the data-iterator position and run metadata.
+
+  Args:
+    directory: where step directories go; a local path or `gs://...`.
+    save_interval_steps: `save` writes when `step % save_interval_steps == 0` (or on `force`, or
+      at the step all processes agreed on after a preemption notice).
+    max_to_keep: how many of the latest checkpoints to keep (None keeps all).
+    async_save: write arrays in a background thread; `save` returns once they are copied off the
+      devices. Call `wait_until_finished` (or `close`) before reading them back or exiting.
+    metadata: JSON-able run metadata stored with every checkpoint (e.g. `config.to_dict()`).
+  """
+
+  def __init__(
+      self,
+      directory: epath.PathLike,
+      *,
+      save_interval_steps: int = 1,
+      max_to_keep: int | None = None,
+      async_save: bool = True,
+      metadata: Mapping[str, Any] | None = None,
+  ):
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
+    self.directory = epath.Path(directory)
+    self._metadata = _to_json_dict(metadata or {})
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        # Leftovers of a killed save are never read, but they take space: remove them on start.
+        cleanup_tmp_directories=True,
+        # Orbax's default also saves on the first call of a fresh run whatever the step; the
+        # loop expects pure interval semantics.
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_interval_steps),
+            policies.PreemptionCheckpointingPolicy(),
+        ]),
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_handlers=_item_handlers()
+    )
+
+  # -- queries --------------------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    """The newest finished checkpoint step (or one being saved asynchronously), or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  # -- save -----------------------------------------------------------------------------------
+
+  def save(
+      self,
+      step: int,
+      state: Any,
+      *,
+      data_iterator: Any = None,
+      metadata: Mapping[str, Any] | None = None,
+      force: bool = False,
+  ) -> bool:
+    """Saves `state` (and the iterator position and metadata) at `step` if the interval says so.
+
+    All processes must call this with the same arguments. `force=True` saves regardless of the
+    interval (end of run, preemption). A step that already has a checkpoint is never overwritten:
+    the call logs and returns False. Returns whether a checkpoint was started.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      if force:
+        logging.info("Checkpoint for step %d already exists in %s; not saving again.", step,
+                     self.directory)
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    items = {
+        STATE: ocp.args.StandardSave(state),
+        RUN_METADATA: ocp.args.JsonSave({**self._metadata, **_to_json_dict(metadata or {})}),
+    }
+    if data_iterator is not None:
+      # Grain's handler is synchronous: the position is written before `save` returns, so it is
+      # the position at this step even though the loop keeps consuming the iterator.
+      items[DATA] = _grain_checkpoint().CheckpointSave(data_iterator)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("Saving checkpoint for step %d to %s", step, self.directory)
+    return saved
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the pending asynchronous save is committed; re-raises its error, if any."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # -- restore --------------------------------------------------------------------------------
+
+  def _resolve_step(self, step: int | None) -> int:
+    steps = self._manager.all_steps()
+    if step is None:
+      step = self._manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No checkpoint to restore in {self.directory}: "
+                                f"{_steps_message(steps)}.")
+      return step
+    if int(step) not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                              f"{_steps_message(steps)}.")
+    return int(step)
+
+  def restore(self, step: int | None = None, *, abstract_state: Any, data_iterator: Any = None):
+    """Restores the train state saved at `step` (default: the latest) onto `abstract_state`.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s (or arrays) whose shardings say where
+    each restored array goes, so a checkpoint saved on one mesh restores onto another. Dtypes are
+    cast to the requested ones. If `data_iterator` is given its position is restored in place.
+    Returns the state with the structure of `abstract_state`.
+    """
+    self._manager.wait_until_finished()
+    step = self._resolve_step(step)
+    where = f"checkpoint step {step} in {self.directory}"
+    target = _with_shardings(abstract_state, f"Restoring {where}")
+    stored = _stored_tree(self._manager.item_metadata(step)[STATE])
+    if stored is None:
+      raise ValueError(f"{where} has no train state.")
+    mismatch = _first_mismatch(_flatten_expected(target), _flatten_stored(stored))
+    if mismatch:
+      raise ValueError(f"The train state in {where} does not match the expected tree: {mismatch}.")
+    items = {STATE: ocp.args.StandardRestore(target)}
+    if data_iterator is not None:
+      if not (self._step_dir(step) / DATA).exists():
+        raise ValueError(f"{where} has no data-iterator state (it was saved without one).")
+      items[DATA] = _grain_checkpoint().CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+      raise ValueError(f"Could not restore {where}: {e}") from e
+    logging.info("Restored %s", where)
+    return restored[STATE]
+
+  def read_metadata(self, step: int | None = None) -> dict[str, Any]:
+    """The run metadata stored with the checkpoint at `step` (default: the latest)."""
+    self._manager.wait_until_finished()
+    step = self._resolve_step(step)
+    if not (self._step_dir(step) / RUN_METADATA).exists():
+      raise ValueError(f"Checkpoint step {step} in {self.directory} has no run metadata.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{RUN_METADATA: ocp.args.JsonRestore()}))
+    return dict(restored[RUN_METADATA])
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return ocp.step.build_step_path(self.directory, ocp.step.standard_name_format(), step)
+
+
+def _grain_checkpoint():
+  if _GRAIN_CHECKPOINT is None:
+    raise ImportError("Saving or restoring a data iterator needs grain (pip install grain).")
+  return _GRAIN_CHECKPOINT
+
+
+def _item_handlers(state_handler=None) -> dict[str, Any]:
+  # Explicit handlers, so metadata and restore work on a fresh manager before any save.
+  handlers = {
+      STATE: state_handler or ocp.StandardCheckpointHandler(),
+      RUN_METADATA: ocp.JsonCheckpointHandler(),
+  }
+  if _GRAIN_CHECKPOINT is not None:
+    handlers[DATA] = _GRAIN_CHECKPOINT.CheckpointHandler()
+  return handlers
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading parameters only
+
+
+def load_params(
+    directory: epath.PathLike,
+    abstract_params: Any,
+    *,
+    step: int | None = None,
+    params_path: Sequence[str] = ("params",),
+):
+  """Loads only the parameters from another run's checkpoint, onto `abstract_params`' shardings.
+
+  Used for initial weights (SFT from a pretrained run; VRPO policy and frozen reference from an
+  SFT run). The rest of the saved state (optimizer moments, step, ...) is neither read nor needed,
+  so its shape does not have to be known. `params_path` locates the parameters inside the saved
+  state (`("params",)` for a train state with a `params` field).
+
+  Raises FileNotFoundError if `directory` has no finished checkpoint (or none at `step`), and
+  ValueError naming the first mismatching path if the parameter tree or shapes differ.
+  """
+  directory = epath.Path(directory)
+  params_path = tuple(str(k) for k in params_path)
+  if not directory.exists():
+    raise FileNotFoundError(f"No checkpoint directory at {directory}.")
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  manager = ocp.CheckpointManager(
+      directory, options=options, item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
+  try:
+    steps = manager.all_steps()
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No checkpoint to load parameters from in {directory}: "
+                                f"{_steps_message(steps)}.")
+    elif int(step) not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; "
+                              f"{_steps_message(steps)}.")
+    step = int(step)
+    where = f"checkpoint step {step} in {directory}"
+
+    node = _stored_tree(manager.item_metadata(step)[STATE])
+    for depth, key in enumerate(params_path):
+      if not isinstance(node, Mapping) or key not in node:
+        keys = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+        raise ValueError(f"{where} has no '{'.'.join(params_path[:depth + 1])}' "
+                         f"(found: {keys}).")
+      node = node[key]
+
+    target = _with_shardings(abstract_params, f"Loading parameters from {where}")
+    expected = _flatten_expected(target)
+    mismatch = _first_mismatch(expected, _flatten_stored(node))
+    if mismatch:
+      raise ValueError(f"The parameters at '{'.'.join(params_path)}' in {where} do not match "
+                       f"the expected tree: {mismatch}.")
+
+    # Partial restore reads only the arrays named in `item`; it works on nested dicts, so the
+    # target is re-keyed by path and put back into the caller's structure afterwards.
+    flat_target = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+      keys = params_path + _path_keys(path)
+      sub = flat_target
+      for k in keys[:-1]:
+        sub = sub.setdefault(k, {})
+      sub[keys[-1]] = leaf
+    restore_args = ocp.checkpoint_utils.construct_restore_args(flat_target)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(flat_target, restore_args=restore_args,
+                                        partial_restore=True)}))[STATE]
+    except Exception as e:
+      raise ValueError(f"Could not load parameters from {where}: {e}") from e
+  finally:
+    manager.close()
+
+  def pick(path, _):
+    node = restored
+    for k in params_path + _path_keys(path):
+      node = node[k]
+    return node
+
+  params = jax.tree_util.tree_map_with_path(pick, target)
+  logging.info("Loaded parameters from %s", where)
+  return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+
+
+def _preemption_sync_manager():
+  """JAX's preemption sync manager, present after `jax.distributed.initialize` (by default)."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  state = distributed.global_state
+  if getattr(state, "client", None) is None:
+    return None
+  return getattr(state, "preemption_sync_manager", None)
+
+
+class PreemptionWatcher:
+  """Tells the training loop when to save and stop because the job is being preempted.
+
+  Call `should_stop(step)` every step on every process; once it returns True, save with
+  `force=True` and exit. It stays True afterwards.
+
+  - One process: a handler for `signals` (SIGTERM by default) sets a flag; `should_stop` returns
+    it. The previous handlers come back on `close`.
+  - Several processes with JAX's preemption service (the default after
+    `jax.distributed.initialize`): JAX already traps SIGTERM and agrees on a step at which every
+    process stops; `should_stop` asks it (`multihost_utils.reached_preemption_sync_point`).
+    No Python handler is installed, since it would replace JAX's.
+  - Several processes without that service: the local flag is combined across processes every
+    `check_every` steps (a small host all-gather, so not every step on large jobs).
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), *, check_every: int = 1):
+    if check_every < 1:
+      raise ValueError(f"check_every must be >= 1, got {check_every}.")
+    self._signals = tuple(signals)
+    self._check_every = check_every
+    self._requested = threading.Event()
+    self._stopped = False
+    self._previous: dict[int, Any] = {}
+    self._sync_manager = _preemption_sync_manager() if jax.process_count() > 1 else None
+    if self._sync_manager is None:
+      if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("PreemptionWatcher must be created in the main thread "
+                           "(Python only runs signal handlers there).")
+      for sig in self._signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: will save a checkpoint and stop.", signum)
+    self._requested.set()
+
+  @property
+  def requested(self) -> bool:
+    """Whether this process received a preemption signal (not agreed across processes)."""
+    return self._requested.is_set()
+
+  def should_stop(self, step: int) -> bool:
+    if self._stopped:
+      return True
+    if self._sync_manager is not None:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self._stopped = bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    elif jax.process_count() == 1:
+      self._stopped = self._requested.is_set()
+    elif int(step) % self._check_every == 0:
+      self._stopped = _any_process(self._requested.is_set())
+    if self._stopped:
+      logging.warning("Preemption: stopping at step %d.", step)
+    return self._stopped
+
+  def close(self) -> None:
+    for sig, previous in self._previous.items():
+      # None means the previous handler was not installed from Python; SIG_DFL is the closest.
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+    self._previous.clear()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray(flag, dtype=np.int32))
+  return bool(np.any(flags))
