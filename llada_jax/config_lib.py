@@ -1,0 +1,121 @@
+"""The training config: one ml_collections ConfigDict with every field a run can set.
+
+Recipe files in `configs/` start from `base_config()` and change what they need; the command line
+overrides single fields (`--config.optimizer.lr=1e-4`). The config is locked, so a mistyped key
+is an error that names it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from llada_jax import sharding
+
+OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
+_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def model_preset(name: str) -> ml_collections.ConfigDict:
+  """A model preset from `configs/models.py`, plus the numerics and memory fields."""
+  spec = importlib.util.spec_from_file_location("_llada_model_presets", _CONFIGS_DIR / "models.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(name)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = ""  # checkpoints, metrics.jsonl, tensorboard/; required
+  c.seed = 0
+  c.objective = "pretrain"  # one of OBJECTIVES
+  c.total_steps = 100
+  c.grad_accum_steps = 1  # micro-batches per step (the global batch is split into them)
+  c.max_nonfinite_in_a_row = 10  # stop after this many skipped (non-finite) updates in a row
+
+  c.model = model_preset("tiny")
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.eps = 1e-3
+  c.diffusion.random_length_prob = 0.01  # pretraining: cut a batch to a random length
+  c.diffusion.prompt_drop_prob = 0.0  # SFT: mask the whole prompt, for classifier-free guidance
+
+  c.vrpo = ml_collections.ConfigDict()
+  c.vrpo.beta = 0.2
+  c.vrpo.n_timesteps = 8
+  c.vrpo.masks_per_timestep = 1
+  c.vrpo.antithetic = True
+  c.vrpo.estimator = "l_over_L"
+  c.vrpo.stratified = False
+  c.vrpo.sft_weight = 0.05
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_files = ()  # text / JSONL / ArrayRecord files (tuple of paths or globs)
+  c.data.tokenizer = ""  # sentencepiece .model path
+  c.data.seq_len = 64
+  c.data.global_batch_size = 8
+  c.data.shuffle = True
+  c.data.num_epochs = -1  # -1: repeat forever
+  c.data.chat_template = True
+  c.data.on_too_long = "error"  # error | truncate | skip
+  c.data.seed = -1  # -1: use `seed`
+
+  c.optimizer = _optimizer_defaults()
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+  c.sharding_rules = tuple(sharding.DEFAULT_RULES)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
+  c.checkpoint.init_from = ""  # a run's checkpoint dir: initial policy weights (params only)
+  c.checkpoint.init_step = -1  # -1: its latest step
+  c.checkpoint.reference_from = ""  # VRPO reference weights; "" = the same as init_from
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.every_steps = 10
+  c.logging.progress_bar = True
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # True, False or "auto" (TPU pods, SLURM)
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = -1
+  c.distributed.process_id = -1
+  return c
+
+
+def _optimizer_defaults() -> ml_collections.ConfigDict:
+  try:
+    from llada_jax import optim
+  except ImportError:  # optim is optional at config-building time only for tooling
+    optim = None
+  if optim is not None and hasattr(optim, "default_optimizer_config"):
+    return optim.default_optimizer_config()
+  raise ImportError("llada_jax.optim.default_optimizer_config is required")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks that need more than a type: errors name the field and what was expected."""
+  def fail(field, expected):
+    value = eval(f"config.{field}", {"config": config})  # noqa: S307 - fixed field names only
+    raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+  if not config.workdir:
+    fail("workdir", "a directory (local or gs://) for checkpoints and metrics")
+  if config.objective not in OBJECTIVES:
+    fail("objective", f"one of {OBJECTIVES}")
+  if config.total_steps < 1:
+    fail("total_steps", "a positive integer")
+  if config.grad_accum_steps < 1:
+    fail("grad_accum_steps", "a positive integer")
+  if config.data.global_batch_size % config.grad_accum_steps:
+    fail("data.global_batch_size", f"a multiple of grad_accum_steps={config.grad_accum_steps}")
+  if config.data.seq_len < 2:
+    fail("data.seq_len", "at least 2")
+  if config.checkpoint.every_steps < 1:
+    fail("checkpoint.every_steps", "a positive integer")
+  if config.logging.every_steps < 1:
+    fail("logging.every_steps", "a positive integer")

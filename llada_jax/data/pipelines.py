@@ -1,0 +1,250 @@
+"""Grain input pipelines for pretraining, SFT and preference (VRPO) data.
+
+Every pipeline is a random-access source -> global shuffle (seeded, a new permutation each epoch)
+-> epochs concatenated -> rows p, p+P, p+2P, ... for process p of P -> batches of
+`per_process_batch_size`. Consequences:
+- the same seed gives the same batches on every run and machine;
+- the processes' rows are disjoint and together cover each epoch; all processes yield the same
+  number of batches (the global tail that cannot fill one batch on every process is dropped);
+- batches run across epoch boundaries, so nothing but that final tail is dropped;
+- the iterator state is one index, so `get_state()`/`set_state()` resume exactly.
+
+Batch formats (numpy, per process, B = per_process_batch_size, L = seq_len):
+- pretrain:   {'tokens': int32 [B, L]}
+- sft:        {'tokens': int32 [B, L], 'prompt_lengths': int32 [B], 'example_id': int32 [B]}
+- preference: {'chosen': int32 [B, L], 'rejected': int32 [B, L], 'prompt_lengths': int32 [B],
+               'chosen_lengths': int32 [B], 'rejected_lengths': int32 [B],
+               'example_id': int32 [B]}
+Sequences are padded with EOS. `example_id` is the example's index in the source files.
+
+Data conventions:
+- pretraining: plain text files hold documents separated by blank lines; JSONL lines hold a
+  `text` string (or `tokens`, a list of ids); ArrayRecord files come from `write_array_record`.
+  Every document gets an EOS; the documents are concatenated and cut into rows of seq_len.
+- SFT: JSONL `{"prompt", "response"}` or `{"messages": [{"role", "content"}, ...]}` (roles
+  system, user, assistant). A dialogue gives one example per assistant turn whose prompt is the
+  chat template of every message before it (earlier answers included, each closed by
+  <|eot_id|>). tokens = prompt + response + EOS + EOS padding; prompt_lengths = len(prompt).
+  With chat_template=False the prompt is the raw prompt text's tokens.
+- preference: JSONL `{"prompt", "chosen", "rejected"}`; *_lengths = prompt + response + 1 EOS.
+- on_too_long ('error' | 'truncate' | 'skip'): what to do when prompt + response + EOS exceeds
+  seq_len. 'truncate' keeps the prompt and cuts the answer (its EOS is lost); a prompt leaving
+  no room for an answer is an error unless skipped. example_id is assigned before skipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from llada_jax.data import sources
+from llada_jax.data.errors import DataError
+from llada_jax.data.tokenizer import Tokenizer
+
+KINDS = {
+    "pretrain": "pretrain",
+    "pretraining": "pretrain",
+    "sft": "sft",
+    "preference": "preference",
+    "preferences": "preference",
+    "vrpo": "preference",
+    "dpo": "preference",
+}
+
+BATCH_SPECS = {
+    "pretrain": {"tokens": "BL"},
+    "sft": {"tokens": "BL", "prompt_lengths": "B", "example_id": "B"},
+    "preference": {"chosen": "BL", "rejected": "BL", "prompt_lengths": "B",
+                   "chosen_lengths": "B", "rejected_lengths": "B", "example_id": "B"},
+}
+
+
+def batch_spec(kind: str, per_process_batch_size: int, seq_len: int
+               ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shape and dtype of every array in a batch of `kind` (all int32)."""
+  sizes = {"B": per_process_batch_size, "L": seq_len}
+  return {k: (tuple(sizes[c] for c in axes), np.dtype(np.int32))
+          for k, axes in BATCH_SPECS[canonical_kind(kind)].items()}
+
+
+def canonical_kind(kind: str) -> str:
+  if kind not in KINDS:
+    raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {sorted(KINDS)}")
+  return KINDS[kind]
+
+
+def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+  """A file, a list of files, or glob patterns -> sorted existing paths (patterns expanded)."""
+  if isinstance(files, (str, os.PathLike)):
+    files = [files]
+  paths = []
+  for f in files:
+    f = os.fspath(f)
+    if glob.has_magic(f):
+      matches = sorted(glob.glob(f))
+      if not matches:
+        raise DataError("no file matches this pattern; expected at least one", path=f)
+      paths.extend(matches)
+    else:
+      if not os.path.isfile(f):
+        raise DataError("file not found; expected an existing data file", path=f)
+      paths.append(f)
+  if not paths:
+    raise ValueError("no data files given")
+  return paths
+
+
+def make_source(kind: str, files, tokenizer: Tokenizer, *, seq_len: int,
+                chat_template: bool = True, on_too_long: str = "error"):
+  """The random-access (unshuffled, unsharded) source of examples of `kind`.
+
+  Pretraining takes text, JSONL (`text` or pre-tokenized `tokens`) and ArrayRecord files, in
+  any mix; SFT and preference data are JSONL.
+  """
+  kind = canonical_kind(kind)
+  paths = expand_files(files)
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+  if kind == "pretrain":
+    array_records = [p for p in paths if sources.is_array_record(p)]
+    texts = [p for p in paths if not sources.is_array_record(p)]
+    parts = []
+    if texts:
+      parts.append(sources.TokenRowSource(texts, tokenizer, seq_len))
+    if array_records:
+      parts.append(sources.ArrayRecordRowSource(array_records, tokenizer, seq_len))
+    return parts[0] if len(parts) == 1 else sources.ConcatSource(parts)
+  not_jsonl = [p for p in paths if not sources.is_jsonl(p)]
+  if not_jsonl:
+    raise DataError(f"{kind} data must be JSONL; expected a .jsonl file", path=not_jsonl[0])
+  cls = sources.SFTSource if kind == "sft" else sources.PreferenceSource
+  return cls(paths, tokenizer, seq_len, chat_template=chat_template, on_too_long=on_too_long)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """A built pipeline: the Grain dataset and what the trainer needs to know about it."""
+
+  dataset: grain.IterDataset
+  source: Any
+  kind: str
+  seq_len: int
+  per_process_batch_size: int
+  process_index: int
+  process_count: int
+  num_epochs: int | None
+
+  @property
+  def num_examples(self) -> int:
+    """Examples (pretraining: rows of seq_len tokens) in one epoch, over all processes."""
+    return len(self.source)
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.per_process_batch_size * self.process_count
+
+  @property
+  def steps_per_epoch(self) -> float:
+    """Batches per epoch on each process (fractional: batches run across epochs)."""
+    return self.num_examples / self.global_batch_size
+
+  @property
+  def num_batches(self) -> int | None:
+    """Batches each process yields in all, None if it repeats forever."""
+    if self.num_epochs is None:
+      return None
+    return self.num_examples * self.num_epochs // self.global_batch_size
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return iter(self.dataset)
+
+
+def make_dataset(
+    kind: str,
+    files,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    per_process_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    chat_template: bool = True,
+    on_too_long: str = "error",
+    read_threads: int = 2,
+    prefetch_batches: int = 4,
+) -> Pipeline:
+  """Builds (and validates) the pipeline; see the module docstring for its semantics."""
+  kind = canonical_kind(kind)
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  if per_process_batch_size < 1:
+    raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
+
+  source = make_source(kind, files, tokenizer, seq_len=seq_len, chat_template=chat_template,
+                       on_too_long=on_too_long)
+  global_batch = per_process_batch_size * process_count
+  n = len(source)
+  if n == 0:
+    raise DataError(f"no {kind} examples (seq_len {seq_len}); expected at least one",
+                    path=", ".join(expand_files(files)))
+  if num_epochs is not None and n * num_epochs < global_batch:
+    raise DataError(f"{n} examples x {num_epochs} epochs cannot fill one global batch of "
+                    f"{global_batch}; expected more data, more epochs or a smaller batch",
+                    path=", ".join(expand_files(files)))
+
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    # A MapDataset shuffle is a seeded index permutation that changes with the epoch once
+    # repeated, so no buffer is needed and any position can be resumed.
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  # Same length on every process, else the processes would disagree on the number of steps.
+  ds = ds[:len(ds) - len(ds) % global_batch]
+  ds = ds[process_index::process_count]
+  ds = ds.batch(per_process_batch_size, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                 prefetch_buffer_size=prefetch_batches))
+  return Pipeline(iter_ds, source, kind, seq_len, per_process_batch_size, process_index,
+                  process_count, num_epochs)
+
+
+def make_pipeline(
+    kind: str,
+    files,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    per_process_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    **kwargs,
+) -> grain.DatasetIterator:
+  """The iterator the trainer reads: `next(it)` is a batch; `get_state()`/`set_state()` resume.
+
+  kind: 'pretrain', 'sft' or 'preference' (aliases in KINDS). files: paths or glob patterns.
+  num_epochs: None repeats forever. process_index/process_count default to jax's.
+  Other keywords (chat_template, on_too_long, read_threads, prefetch_batches) go to
+  `make_dataset`.
+  """
+  return iter(make_dataset(
+      kind, files, tokenizer, seq_len=seq_len, per_process_batch_size=per_process_batch_size,
+      seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+      process_count=process_count, **kwargs))

@@ -1,0 +1,596 @@
+"""Reading and validating data files, and the random-access sources the pipelines shuffle.
+
+File formats (chosen by name):
+- `*.jsonl`, `*.json`, `*.ndjson`: one JSON object per line; blank lines are ignored.
+- `*.array_record*`: pre-tokenized token stream written by `write_array_record`.
+- anything else: UTF-8 plain text; documents are separated by blank (or whitespace-only) lines,
+  so a file without blank lines is a single document.
+
+Line numbers in errors are 1-based; ArrayRecord record numbers are 0-based, as readers index them.
+
+Sources are eager for text and JSONL: every file is read, validated and tokenized once when the
+pipeline is built, so bad data fails at start-up and each process knows the exact number of
+examples to shard. Corpora too large for that are converted once to ArrayRecord and read lazily.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from llada_jax.data.errors import DataError
+from llada_jax.data.tokenizer import CHAT_ROLES, Tokenizer
+
+log = logging.getLogger(__name__)
+
+ON_TOO_LONG = ("error", "truncate", "skip")
+
+
+def is_jsonl(path: str | os.PathLike) -> bool:
+  return os.fspath(path).lower().endswith((".jsonl", ".json", ".ndjson"))
+
+
+def is_array_record(path: str | os.PathLike) -> bool:
+  # Sharded outputs are often named like `train.array_record-00001-of-00008`.
+  return ".array_record" in os.path.basename(os.fspath(path)).lower()
+
+
+def _check_exists(path: str) -> None:
+  if not os.path.isfile(path):
+    raise DataError("file not found; expected an existing data file", path=path)
+
+
+def check_utf8(text: str, *, path, line, field) -> None:
+  """Raises DataError if `text` holds undecodable bytes (kept as surrogate escapes)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    char = text[e.start]
+    if 0xDC80 <= ord(char) <= 0xDCFF:
+      what = f"byte 0x{ord(char) - 0xDC00:02x}"
+    else:
+      what = f"lone surrogate \\u{ord(char):04x}"
+    raise DataError(f"text is not valid UTF-8 ({what} at character {e.start}); "
+                    "expected UTF-8 text", path=path, line=line, field=field) from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(line number, object) for each non-blank line of a JSONL file."""
+  path = os.fspath(path)
+  _check_exists(path)
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      # Undecodable bytes survive as surrogates so the error can name the field holding them.
+      text = raw.decode("utf-8", errors="surrogateescape")
+      try:
+        obj = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON "
+                        "object per line", path=path, line=line_number) from None
+      if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}",
+                        path=path, line=line_number)
+      yield line_number, obj
+
+
+def get_string(obj: dict, key: str, *, path, line, field: str | None = None) -> str:
+  """obj[key], checked to be a non-empty valid UTF-8 string."""
+  field = field or key
+  if key not in obj:
+    raise DataError("missing; expected a non-empty string", path=path, line=line, field=field)
+  value = obj[key]
+  if not isinstance(value, str):
+    raise DataError(f"expected a non-empty string, got {type(value).__name__}",
+                    path=path, line=line, field=field)
+  if not value:
+    raise DataError("empty; expected a non-empty string", path=path, line=line, field=field)
+  check_utf8(value, path=path, line=line, field=field)
+  return value
+
+
+def iter_text_documents(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+  """(first line number, document) for the blank-line separated documents of a text file."""
+  path = os.fspath(path)
+  _check_exists(path)
+  lines: list[str] = []
+  start = 0
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"text is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte column "
+                        f"{e.start + 1}); expected UTF-8 text", path=path, line=line_number,
+                        field="text") from None
+      line = line.rstrip("\r\n")
+      if line.strip():
+        if not lines:
+          start = line_number
+        lines.append(line)
+      elif lines:
+        yield start, "\n".join(lines)
+        lines = []
+  if lines:
+    yield start, "\n".join(lines)
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, mask_id: int, *, path, line=None,
+                    record=None, field="tokens") -> None:
+  """Raises DataError unless every id is in the vocabulary and none is the mask token.
+
+  A mask id in the data would be indistinguishable from noise the model is asked to undo.
+  """
+  bad = np.flatnonzero((ids < 0) | (ids >= vocab_size) | (ids == mask_id))
+  if bad.size:
+    i = int(bad[0])
+    value = int(ids[i])
+    if value == mask_id:
+      reason = f"token id {value} at position {i} is the mask token"
+    else:
+      reason = f"token id {value} at position {i} is outside the vocabulary"
+    raise DataError(f"{reason}; expected ids in [0, {vocab_size}) other than the mask id "
+                    f"{mask_id}", path=path, line=line, record=record, field=field)
+
+
+def _token_list(value, tokenizer: Tokenizer, *, path, line, field) -> np.ndarray:
+  if not isinstance(value, list) or not value:
+    raise DataError(f"expected a non-empty list of token ids, got {type(value).__name__}"
+                    + (" (empty)" if value == [] else ""), path=path, line=line, field=field)
+  for i, v in enumerate(value):
+    if not isinstance(v, int) or isinstance(v, bool):
+      raise DataError(f"element {i} is {type(v).__name__}; expected a list of integer token ids",
+                      path=path, line=line, field=field)
+  ids = np.asarray(value, dtype=np.int64)
+  check_token_ids(ids, tokenizer.vocab_size, tokenizer.mask_id, path=path, line=line,
+                  field=field)
+  return ids.astype(np.int32)
+
+
+def iter_pretrain_documents(path: str | os.PathLike, tokenizer: Tokenizer,
+                            ) -> Iterator[tuple[int, str | np.ndarray]]:
+  """(line, text or token ids) per document: text files, or JSONL with `text` or `tokens`."""
+  path = os.fspath(path)
+  if not is_jsonl(path):
+    yield from iter_text_documents(path)
+    return
+  for line, obj in iter_jsonl(path):
+    if "text" not in obj and "tokens" in obj:
+      yield line, _token_list(obj["tokens"], tokenizer, path=path, line=line, field="tokens")
+    elif "text" not in obj:
+      raise DataError("missing; expected a non-empty string (or 'tokens', a list of token ids)",
+                      path=path, line=line, field="text")
+    else:
+      yield line, get_string(obj, "text", path=path, line=line)
+
+
+def _encode_documents(path: str, tokenizer: Tokenizer, batch: int = 1024
+                      ) -> Iterator[np.ndarray]:
+  """Token ids + EOS of each document of a pretraining file, encoded in batches."""
+  pending: list[str] = []
+  eos = np.array([tokenizer.eos_id], np.int32)
+
+  def flush():
+    for ids in tokenizer.encode_batch(pending):
+      yield np.concatenate([np.asarray(ids, np.int32), eos])
+    pending.clear()
+
+  for _, document in iter_pretrain_documents(path, tokenizer):
+    if isinstance(document, np.ndarray):
+      yield from flush()
+      yield np.concatenate([document, eos])
+    else:
+      pending.append(document)
+      if len(pending) >= batch:
+        yield from flush()
+  yield from flush()
+
+
+class Ragged:
+  """Variable-length int32 rows in one flat buffer (compact and cheap to pickle)."""
+
+  def __init__(self, rows: Sequence[Sequence[int] | np.ndarray]):
+    lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
+    self.offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=self.offsets[1:])
+    self.flat = (np.concatenate([np.asarray(r, np.int32) for r in rows]) if rows
+                 else np.zeros(0, np.int32))
+
+  def __len__(self):
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+
+def _pad(ids: np.ndarray, length: int, pad_id: int) -> np.ndarray:
+  out = np.full(length, pad_id, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
+class TokenRowSource:
+  """Rows of exactly `seq_len` tokens cut from the concatenation of EOS-terminated documents.
+
+  The stream runs across documents and files; the remainder shorter than a row is dropped.
+  """
+
+  def __init__(self, files: Sequence[str], tokenizer: Tokenizer, seq_len: int):
+    pieces = []
+    for path in files:
+      pieces.extend(_encode_documents(os.fspath(path), tokenizer))
+    self.tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    self.seq_len = seq_len
+    self.num_documents = len(pieces)
+    self.files = list(files)
+
+  def __len__(self):
+    return len(self.tokens) // self.seq_len
+
+  def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+    start = int(row) * self.seq_len
+    return {"tokens": self.tokens[start:start + self.seq_len].copy()}
+
+
+# ---------------------------------------------------------------- ArrayRecord token streams.
+
+_ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access.
+
+
+def write_array_record(
+    input_files: Sequence[str | os.PathLike],
+    output_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    chunk_len: int = 4096,
+    overwrite: bool = False,
+) -> dict[str, int]:
+  """Tokenizes text/JSONL pretraining files into one ArrayRecord token-stream file.
+
+  The EOS-terminated documents are concatenated and stored as records of `chunk_len`
+  little-endian int32 ids (the last record may be shorter), so a reader can cut rows of any
+  sequence length by position. Written to a temporary name and renamed at the end: a failure
+  leaves nothing behind. Returns counts of documents, tokens and records.
+  """
+  from array_record.python import array_record_module
+
+  output_path = os.fspath(output_path)
+  if chunk_len < 1:
+    raise ValueError(f"chunk_len must be positive, got {chunk_len}")
+  if os.path.exists(output_path) and not overwrite:
+    raise FileExistsError(f"{output_path} exists; pass overwrite=True to replace it")
+  directory = os.path.dirname(output_path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  tmp_path = output_path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp_path, _ARRAY_RECORD_OPTIONS)
+  buffer = np.zeros(0, np.int32)
+  documents = tokens = records = 0
+  try:
+    for path in input_files:
+      for ids in _encode_documents(os.fspath(path), tokenizer):
+        documents += 1
+        tokens += len(ids)
+        buffer = np.concatenate([buffer, ids])
+        full = len(buffer) // chunk_len
+        for k in range(full):
+          writer.write(buffer[k * chunk_len:(k + 1) * chunk_len].astype("<i4").tobytes())
+        records += full
+        buffer = buffer[full * chunk_len:]
+    if len(buffer):
+      writer.write(buffer.astype("<i4").tobytes())
+      records += 1
+    writer.close()
+    os.replace(tmp_path, output_path)
+  except BaseException:
+    if writer.is_open():
+      writer.close()
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  return {"documents": documents, "tokens": tokens, "records": records}
+
+
+class ArrayRecordRowSource:
+  """Rows of `seq_len` tokens read lazily from ArrayRecord token-stream files.
+
+  Each file's stream is cut separately (its remainder dropped). Start-up reads only the first
+  and last record of each file; every row is checked against the vocabulary when it is read.
+  """
+
+  def __init__(self, files: Sequence[str], tokenizer: Tokenizer, seq_len: int):
+    from array_record.python import array_record_module
+    import grain
+
+    self.files = [os.fspath(f) for f in files]
+    self.seq_len = seq_len
+    # Only the ints are kept, so the source stays small when pickled to worker processes.
+    self.vocab_size, self.mask_id = tokenizer.vocab_size, tokenizer.mask_id
+    chunk_lens, record_counts, row_counts = [], [], []
+    for path in self.files:
+      _check_exists(path)
+      try:
+        reader = array_record_module.ArrayRecordReader(path)
+      except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot open as ArrayRecord ({e}); expected a file written by "
+                        "write_array_record", path=path) from None
+      try:
+        n = reader.num_records()
+        if n == 0:
+          chunk, total = 1, 0
+        else:
+          first = reader.read([0])[0]
+          last = reader.read([n - 1])[0] if n > 1 else first
+          chunk = self._record_len(first, path, 0)
+          last_len = self._record_len(last, path, n - 1)
+          if last_len > chunk:
+            raise DataError(f"has {last_len} tokens, more than record 0 ({chunk}); expected "
+                            "equal-length records with a shorter last one", path=path,
+                            record=n - 1, field="tokens")
+          total = (n - 1) * chunk + last_len
+          check_token_ids(np.frombuffer(first, "<i4"), self.vocab_size, self.mask_id,
+                          path=path, record=0)
+      finally:
+        reader.close()
+      chunk_lens.append(chunk)
+      record_counts.append(n)
+      row_counts.append(total // seq_len)
+    self.chunk_lens = np.asarray(chunk_lens, np.int64)
+    self.record_offsets = np.concatenate([[0], np.cumsum(record_counts)]).astype(np.int64)
+    self.record_counts = np.asarray(record_counts, np.int64)
+    self.row_offsets = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
+    self._source = grain.sources.ArrayRecordDataSource(self.files) if self.files else None
+
+  @staticmethod
+  def _record_len(data: bytes, path: str, record: int) -> int:
+    if not data or len(data) % 4:
+      raise DataError(f"record of {len(data)} bytes; expected a non-empty whole number of int32 "
+                      "token ids", path=path, record=record, field="tokens")
+    return len(data) // 4
+
+  def __len__(self):
+    return int(self.row_offsets[-1])
+
+  def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+    row = int(row)
+    f = bisect.bisect_right(self.row_offsets, row) - 1
+    path, chunk = self.files[f], int(self.chunk_lens[f])
+    start = (row - int(self.row_offsets[f])) * self.seq_len
+    end = start + self.seq_len
+    first, last = start // chunk, (end - 1) // chunk
+    keys = [int(self.record_offsets[f]) + r for r in range(first, last + 1)]
+    parts = []
+    for r, data in zip(range(first, last + 1), self._source.__getitems__(keys)):
+      n = self._record_len(data, path, r)
+      is_last = r == self.record_counts[f] - 1
+      if n != chunk and not (is_last and n < chunk):
+        raise DataError(f"has {n} tokens; expected {chunk} like record 0", path=path, record=r,
+                        field="tokens")
+      ids = np.frombuffer(data, "<i4")
+      check_token_ids(ids, self.vocab_size, self.mask_id, path=path, record=r)
+      parts.append(ids)
+    stream = np.concatenate(parts)
+    offset = start - first * chunk
+    return {"tokens": stream[offset:offset + self.seq_len].astype(np.int32)}
+
+
+class ConcatSource:
+  """Several random-access sources end to end."""
+
+  def __init__(self, sources: Sequence[Any]):
+    self.sources = list(sources)
+    self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]
+                                  ).astype(np.int64)
+
+  def __len__(self):
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i: int):
+    k = bisect.bisect_right(self.offsets, int(i)) - 1
+    return self.sources[k][int(i) - int(self.offsets[k])]
+
+
+# ------------------------------------------------------------------- SFT and preferences.
+
+@dataclasses.dataclass
+class _Turn:
+  """One single-turn example before tokenization."""
+  path: str
+  line: int
+  messages: list[dict[str, str]] | None  # the conversation before the answer (chat form)
+  prompt: str | None  # raw prompt (prompt/response form)
+  answers: dict[str, tuple[str, str]]  # name -> (field for errors, text)
+
+
+def _parse_messages(obj: dict, *, path, line) -> list[_Turn]:
+  """Splits a dialogue into one example per assistant turn, prompted by everything before it."""
+  messages = obj["messages"]
+  if not isinstance(messages, list) or not messages:
+    raise DataError("expected a non-empty list of {\"role\", \"content\"} objects",
+                    path=path, line=line, field="messages")
+  clean = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise DataError(f"expected an object with 'role' and 'content', got {type(m).__name__}",
+                      path=path, line=line, field=f"messages[{i}]")
+    role = m.get("role")
+    if role not in CHAT_ROLES:
+      raise DataError(f"role {role!r}; expected one of {', '.join(CHAT_ROLES)}",
+                      path=path, line=line, field=f"messages[{i}].role")
+    content = get_string(m, "content", path=path, line=line, field=f"messages[{i}].content")
+    clean.append({"role": role, "content": content})
+  turns = []
+  for i, m in enumerate(clean):
+    if m["role"] != "assistant":
+      continue
+    if not any(p["role"] == "user" for p in clean[:i]):
+      raise DataError("assistant turn with no user turn before it; expected a user message "
+                      "first", path=path, line=line, field=f"messages[{i}]")
+    turns.append(_Turn(path, line, clean[:i], None,
+                       {"response": (f"messages[{i}].content", m["content"])}))
+  if not turns:
+    raise DataError("no assistant turn; expected at least one message with role 'assistant'",
+                    path=path, line=line, field="messages")
+  return turns
+
+
+def _parse_sft(obj: dict, *, path, line) -> list[_Turn]:
+  if "messages" in obj:
+    return _parse_messages(obj, path=path, line=line)
+  if "prompt" not in obj and "response" not in obj:
+    raise DataError("missing; expected 'prompt' and 'response' strings, or 'messages'",
+                    path=path, line=line, field="prompt")
+  prompt = get_string(obj, "prompt", path=path, line=line)
+  response = get_string(obj, "response", path=path, line=line)
+  return [_Turn(path, line, None, prompt, {"response": ("response", response)})]
+
+
+def _parse_preference(obj: dict, *, path, line) -> list[_Turn]:
+  prompt = get_string(obj, "prompt", path=path, line=line)
+  chosen = get_string(obj, "chosen", path=path, line=line)
+  rejected = get_string(obj, "rejected", path=path, line=line)
+  return [_Turn(path, line, None, prompt,
+                {"chosen": ("chosen", chosen), "rejected": ("rejected", rejected)})]
+
+
+def _prompt_ids(turn: _Turn, tokenizer: Tokenizer, chat_template: bool) -> list[int]:
+  if chat_template:
+    messages = turn.messages or [{"role": "user", "content": turn.prompt}]
+    return tokenizer.encode_chat(messages)
+  if turn.messages is not None:
+    if len(turn.messages) != 1 or turn.messages[0]["role"] != "user":
+      raise DataError("a dialogue with more than one message before the answer needs "
+                      "chat_template=True; expected a single user message",
+                      path=turn.path, line=turn.line, field="messages")
+    return tokenizer.encode(turn.messages[0]["content"])
+  return tokenizer.encode(turn.prompt)
+
+
+def _fit(turn: _Turn, prompt_len: int, field: str, answer: list[int], seq_len: int,
+         on_too_long: str) -> list[int] | None:
+  """The answer (with EOS) cut to fit; None to skip the example."""
+  if prompt_len + len(answer) <= seq_len:
+    return answer
+  if on_too_long == "skip":
+    return None
+  if prompt_len >= seq_len:
+    prompt_field = "messages" if turn.messages is not None else "prompt"
+    raise DataError(f"prompt is {prompt_len} tokens; expected fewer than seq_len {seq_len} to "
+                    "leave room for the answer (or on_too_long='skip')",
+                    path=turn.path, line=turn.line, field=prompt_field)
+  if on_too_long == "truncate":
+    return answer[:seq_len - prompt_len]
+  raise DataError(f"prompt ({prompt_len}) + answer with EOS ({len(answer)}) is "
+                  f"{prompt_len + len(answer)} tokens; expected at most seq_len {seq_len} "
+                  "(or on_too_long='truncate' or 'skip')",
+                  path=turn.path, line=turn.line, field=field)
+
+
+def _load_turns(files: Sequence[str], parse) -> list[_Turn]:
+  turns = []
+  for path in files:
+    for line, obj in iter_jsonl(os.fspath(path)):
+      turns.extend(parse(obj, path=os.fspath(path), line=line))
+  return turns
+
+
+class SFTSource:
+  """SFT examples: `tokens` = prompt + response + EOS, padded with EOS to seq_len.
+
+  `example_id` is the example's index in the sources (files in order, lines in order, one
+  example per assistant turn), assigned before skipping, so it never depends on shuffling,
+  epochs, processes or the on_too_long policy.
+  """
+
+  def __init__(self, files: Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
+               chat_template: bool = True, on_too_long: str = "error"):
+    if on_too_long not in ON_TOO_LONG:
+      raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
+    self.seq_len, self.pad_id = seq_len, tokenizer.eos_id
+    rows, prompt_lengths, example_ids = [], [], []
+    turns = _load_turns(files, _parse_sft)
+    for example_id, turn in enumerate(turns):
+      prompt = _prompt_ids(turn, tokenizer, chat_template)
+      field, response = turn.answers["response"]
+      answer = _fit(turn, len(prompt), field, tokenizer.encode(response) + [tokenizer.eos_id],
+                    seq_len, on_too_long)
+      if answer is None:
+        continue
+      rows.append(prompt + answer)
+      prompt_lengths.append(len(prompt))
+      example_ids.append(example_id)
+    self.num_skipped = len(turns) - len(rows)
+    if self.num_skipped:
+      log.warning("skipped %d of %d SFT examples longer than seq_len %d", self.num_skipped,
+                  len(turns), seq_len)
+    self.rows = Ragged(rows)
+    self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    self.example_ids = np.asarray(example_ids, np.int32)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    i = int(i)
+    return {
+        "tokens": _pad(self.rows[i], self.seq_len, self.pad_id),
+        "prompt_lengths": self.prompt_lengths[i],
+        "example_id": self.example_ids[i],
+    }
+
+
+class PreferenceSource:
+  """Preference pairs: `chosen`/`rejected` = prompt + response + EOS, padded with EOS.
+
+  `*_lengths` count the valid tokens (prompt + response + one EOS, fewer if truncated).
+  """
+
+  def __init__(self, files: Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
+               chat_template: bool = True, on_too_long: str = "error"):
+    if on_too_long not in ON_TOO_LONG:
+      raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
+    self.seq_len, self.pad_id = seq_len, tokenizer.eos_id
+    chosen, rejected, prompt_lengths, example_ids = [], [], [], []
+    turns = _load_turns(files, _parse_preference)
+    for example_id, turn in enumerate(turns):
+      prompt = _prompt_ids(turn, tokenizer, chat_template)
+      fitted = []
+      for name in ("chosen", "rejected"):
+        field, text = turn.answers[name]
+        fitted.append(_fit(turn, len(prompt), field, tokenizer.encode(text) + [tokenizer.eos_id],
+                           seq_len, on_too_long))
+      if None in fitted:
+        continue
+      chosen.append(prompt + fitted[0])
+      rejected.append(prompt + fitted[1])
+      prompt_lengths.append(len(prompt))
+      example_ids.append(example_id)
+    self.num_skipped = len(turns) - len(chosen)
+    if self.num_skipped:
+      log.warning("skipped %d of %d preference pairs longer than seq_len %d", self.num_skipped,
+                  len(turns), seq_len)
+    self.chosen, self.rejected = Ragged(chosen), Ragged(rejected)
+    self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    self.example_ids = np.asarray(example_ids, np.int32)
+
+  def __len__(self):
+    return len(self.chosen)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    i = int(i)
+    chosen, rejected = self.chosen[i], self.rejected[i]
+    return {
+        "chosen": _pad(chosen, self.seq_len, self.pad_id),
+        "rejected": _pad(rejected, self.seq_len, self.pad_id),
+        "prompt_lengths": self.prompt_lengths[i],
+        "chosen_lengths": np.int32(len(chosen)),
+        "rejected_lengths": np.int32(len(rejected)),
+        "example_id": self.example_ids[i],
+    }

@@ -1,0 +1,397 @@
+"""Tokenizers: a small interface, a sentencepiece backend, training and a CLI.
+
+The interface carries the LLaDA special tokens (mask, EOS = pad, BOS, chat markers) and builds
+the chat template from ids, so header and end-of-turn markers are always single special tokens
+and user text can never produce a special id.
+
+Train a tokenizer:
+
+  python -m llada_jax.data.tokenizer train --input a.txt --input b.jsonl \
+      --model_prefix out/tok --vocab_size 2048
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import os
+import sys
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from llada_jax.data.errors import DataError
+
+MASK_TOKEN = "<|mdm_mask|>"
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|startoftext|>"
+START_HEADER_TOKEN = "<|start_header_id|>"
+END_HEADER_TOKEN = "<|end_header_id|>"
+EOT_TOKEN = "<|eot_id|>"
+UNK_TOKEN = "<unk>"
+
+# Ids fixed by train_sentencepiece and checked when a model is loaded. unk/bos/eos take
+# sentencepiece's own reserved slots; the rest are control symbols, which the encoder never
+# emits for input text.
+SENTENCEPIECE_SPECIAL_IDS = {
+    UNK_TOKEN: 0,
+    BOS_TOKEN: 1,
+    EOS_TOKEN: 2,
+    MASK_TOKEN: 3,
+    START_HEADER_TOKEN: 4,
+    END_HEADER_TOKEN: 5,
+    EOT_TOKEN: 6,
+}
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer(abc.ABC):
+  """What the pipelines, trainer and samplers need from a tokenizer.
+
+  Subclasses provide `encode`, `decode`, `vocab_size` and the special ids; the chat template
+  is built here from those, so every backend produces the same structure.
+  """
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, with no BOS/EOS added."""
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` over many texts; backends override it with a faster batched call."""
+    return [self.encode(t) for t in texts]
+
+  @abc.abstractmethod
+  def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+    """Text of `ids`; special ids are dropped, or rendered as their token text if not skipped."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Number of ids; every id the tokenizer produces is below it."""
+
+  @property
+  @abc.abstractmethod
+  def mask_id(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def bos_id(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def eot_id(self) -> int:
+    """End of turn, closing every chat message."""
+
+  @property
+  @abc.abstractmethod
+  def start_header_id(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def end_header_id(self) -> int:
+    ...
+
+  @property
+  def pad_id(self) -> int:
+    # LLaDA pads with EOS and trains on the padding as answer.
+    return self.eos_id
+
+  @property
+  def special_ids(self) -> dict[str, int]:
+    return {
+        "mask": self.mask_id,
+        "eos": self.eos_id,
+        "bos": self.bos_id,
+        "eot": self.eot_id,
+        "start_header": self.start_header_id,
+        "end_header": self.end_header_id,
+    }
+
+  def encode_chat(
+      self,
+      messages: Sequence[Mapping[str, str]],
+      add_generation_prompt: bool = True,
+  ) -> list[int]:
+    """LLaDA (Llama-3 style) chat template of `messages`, from ids.
+
+    `<BOS>` then, per message, `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`;
+    with `add_generation_prompt`, an open assistant header follows so the model writes the answer.
+    """
+    ids = [self.bos_id]
+    for message in messages:
+      ids += self._header(message["role"])
+      ids += self.encode("\n\n" + message["content"])
+      ids.append(self.eot_id)
+    if add_generation_prompt:
+      ids += self._header("assistant")
+      ids += self.encode("\n\n")
+    return ids
+
+  def chat_prompt(self, user_text: str) -> list[int]:
+    """`<BOS><|start_header_id|>user<|end_header_id|>\\n\\n{user_text}<|eot_id|>` + assistant header."""
+    return self.encode_chat([{"role": "user", "content": user_text}])
+
+  def _header(self, role: str) -> list[int]:
+    return [self.start_header_id, *self.encode(role), self.end_header_id]
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model trained by `train_sentencepiece` (special ids checked on load)."""
+
+  def __init__(self, model_path: str | os.PathLike):
+    import sentencepiece as spm
+
+    self.model_path = os.fspath(model_path)
+    if not os.path.exists(self.model_path):
+      raise DataError("tokenizer model not found; expected a sentencepiece .model file",
+                      path=self.model_path)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.Load(self.model_path)
+    except (OSError, RuntimeError) as e:
+      raise DataError(f"not a sentencepiece model ({e})", path=self.model_path) from e
+    self._check_special_ids()
+    self._special = frozenset(SENTENCEPIECE_SPECIAL_IDS.values())
+
+  def _check_special_ids(self):
+    size = self._sp.GetPieceSize()
+    for piece, expected in SENTENCEPIECE_SPECIAL_IDS.items():
+      found = self._sp.PieceToId(piece)
+      actual_piece = self._sp.IdToPiece(expected) if expected < size else None
+      if found != expected or actual_piece != piece:
+        raise DataError(
+            f"special token {piece!r} has id {found} (id {expected} is {actual_piece!r}); "
+            f"expected id {expected}, as written by llada_jax.data.tokenizer.train_sentencepiece",
+            path=self.model_path)
+      if piece != UNK_TOKEN and not self._sp.IsControl(expected):
+        raise DataError(
+            f"special token {piece!r} (id {expected}) is not a control symbol; expected a model "
+            "trained by llada_jax.data.tokenizer.train_sentencepiece",
+            path=self.model_path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.EncodeAsIds(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+      return []
+    return self._sp.EncodeAsIds(list(texts))
+
+  def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+    ids = [int(i) for i in ids]
+    size = self.vocab_size
+    bad = [i for i in ids if not 0 <= i < size]
+    if bad:
+      raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {size})")
+    if skip_special:
+      return self._sp.DecodeIds([i for i in ids if i not in self._special])
+    # sentencepiece drops control ids, so render them ourselves between decoded runs.
+    parts, run = [], []
+    for i in ids:
+      if i in self._special:
+        parts.append(self._sp.DecodeIds(run))
+        parts.append(self._sp.IdToPiece(i))
+        run = []
+      else:
+        run.append(i)
+    parts.append(self._sp.DecodeIds(run))
+    return "".join(parts)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.GetPieceSize()
+
+  @property
+  def mask_id(self) -> int:
+    return SENTENCEPIECE_SPECIAL_IDS[MASK_TOKEN]
+
+  @property
+  def eos_id(self) -> int:
+    return SENTENCEPIECE_SPECIAL_IDS[EOS_TOKEN]
+
+  @property
+  def bos_id(self) -> int:
+    return SENTENCEPIECE_SPECIAL_IDS[BOS_TOKEN]
+
+  @property
+  def eot_id(self) -> int:
+    return SENTENCEPIECE_SPECIAL_IDS[EOT_TOKEN]
+
+  @property
+  def start_header_id(self) -> int:
+    return SENTENCEPIECE_SPECIAL_IDS[START_HEADER_TOKEN]
+
+  @property
+  def end_header_id(self) -> int:
+    return SENTENCEPIECE_SPECIAL_IDS[END_HEADER_TOKEN]
+
+  def __repr__(self):
+    return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """The tokenizer stored at `path`: a sentencepiece `.model` file.
+
+  Hugging Face `tokenizer.json` files (LLaDA checkpoints) are recognised but not supported yet.
+  """
+  path = os.fspath(path)
+  if path.endswith(".json") or os.path.isdir(path):
+    raise NotImplementedError(
+        f"{path}: Hugging Face tokenizer.json is not supported yet; expected a sentencepiece "
+        ".model file")
+  return SentencePieceTokenizer(path)
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+  """Raises a ValueError if some id of `tokenizer` has no row in the model's embedding."""
+  largest_special = max(tokenizer.special_ids.values())
+  if tokenizer.vocab_size > model_vocab_size or largest_special >= model_vocab_size:
+    raise ValueError(
+        f"tokenizer vocabulary size {tokenizer.vocab_size} (largest special id "
+        f"{largest_special}) does not fit the model vocabulary size {model_vocab_size}; "
+        f"expected a model vocab_size of at least "
+        f"{max(tokenizer.vocab_size, largest_special + 1)}")
+
+
+# Fields whose strings train a tokenizer when the input is JSONL: pretraining, SFT and
+# preference formats.
+_JSONL_TEXT_FIELDS = ("text", "prompt", "response", "chosen", "rejected")
+
+
+def iter_training_text(input_files: Sequence[str | os.PathLike]) -> Iterator[str]:
+  """Lines of text for tokenizer training, from plain text and JSONL files.
+
+  JSONL lines contribute their text fields (`text`, `prompt`, `response`, `chosen`, `rejected`,
+  `messages[*].content`). sentencepiece trains on lines, so texts are split on newlines.
+  """
+  from llada_jax.data import sources
+
+  for path in input_files:
+    path = os.fspath(path)
+    if sources.is_jsonl(path):
+      for line, obj in sources.iter_jsonl(path):
+        texts = [(k, obj[k]) for k in _JSONL_TEXT_FIELDS if isinstance(obj.get(k), str)]
+        messages = obj.get("messages")
+        if isinstance(messages, list):
+          texts += [(f"messages[{i}].content", m["content"]) for i, m in enumerate(messages)
+                    if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        for field, text in texts:
+          sources.check_utf8(text, path=path, line=line, field=field)
+          yield from (t for t in text.split("\n") if t.strip())
+    else:
+      for _, document in sources.iter_text_documents(path):
+        yield from (t for t in document.split("\n") if t.strip())
+
+
+def train_sentencepiece(
+    input_files: Sequence[str | os.PathLike],
+    model_prefix: str | os.PathLike,
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    max_sentences: int = 2_000_000,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> SentencePieceTokenizer:
+  """Trains a sentencepiece model on text/JSONL files; writes `{model_prefix}.model` and `.vocab`.
+
+  byte_fallback makes any UTF-8 text encodable; identity normalisation without a dummy prefix
+  keeps whitespace and newlines, so `decode(encode(s)) == s` and the chat template's `\\n\\n`
+  survive. The special tokens get the ids in SENTENCEPIECE_SPECIAL_IDS.
+  """
+  import sentencepiece as spm
+
+  model_prefix = os.fspath(model_prefix)
+  if model_type not in ("bpe", "unigram"):
+    raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+  if not input_files:
+    raise ValueError("train_sentencepiece needs at least one input file")
+  minimum = len(SENTENCEPIECE_SPECIAL_IDS) + 256 + 1
+  if vocab_size < minimum:
+    raise ValueError(f"vocab_size {vocab_size} is too small: the special tokens and 256 byte "
+                     f"pieces need at least {minimum}")
+  for path in input_files:
+    if not os.path.exists(path):
+      raise DataError("input file not found", path=path)
+  directory = os.path.dirname(model_prefix)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+
+  # Materialised first so errors in the inputs surface as DataError, not inside the C++ trainer.
+  sentences = []
+  for sentence in iter_training_text(input_files):
+    sentences.append(sentence)
+    if len(sentences) >= max_sentences:
+      break
+  if not sentences:
+    raise DataError("no text found in the input files; expected non-empty text",
+                    path=", ".join(os.fspath(p) for p in input_files))
+
+  controls = [p for p, i in sorted(SENTENCEPIECE_SPECIAL_IDS.items(), key=lambda kv: kv[1])
+              if i > 2]
+  spm.SentencePieceTrainer.Train(
+      sentence_iterator=iter(sentences),
+      model_prefix=model_prefix,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      max_sentence_length=1 << 16,
+      # A small corpus may not support the requested size; a smaller vocabulary is fine.
+      hard_vocab_limit=False,
+      unk_id=SENTENCEPIECE_SPECIAL_IDS[UNK_TOKEN],
+      bos_id=SENTENCEPIECE_SPECIAL_IDS[BOS_TOKEN],
+      eos_id=SENTENCEPIECE_SPECIAL_IDS[EOS_TOKEN],
+      pad_id=-1,
+      unk_piece=UNK_TOKEN,
+      bos_piece=BOS_TOKEN,
+      eos_piece=EOS_TOKEN,
+      control_symbols=controls,
+      num_threads=num_threads or os.cpu_count() or 1,
+      minloglevel=0 if verbose else 2,
+  )
+  return SentencePieceTokenizer(model_prefix + ".model")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m llada_jax.data.tokenizer",
+                                   description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  train = commands.add_parser("train", help="train a sentencepiece tokenizer")
+  train.add_argument("--input", action="append", required=True,
+                     help="text or JSONL file; repeat for several")
+  train.add_argument("--model_prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+  train.add_argument("--vocab_size", type=int, required=True)
+  train.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
+  train.add_argument("--character_coverage", type=float, default=0.9995)
+  train.add_argument("--max_sentences", type=int, default=2_000_000)
+  train.add_argument("--num_threads", type=int, default=None)
+  train.add_argument("--verbose", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    tok = train_sentencepiece(
+        args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
+        character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+        num_threads=args.num_threads, verbose=args.verbose)
+  except (DataError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {tok.model_path} (vocab_size={tok.vocab_size}, special ids={tok.special_ids})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
