@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "chex>=0.1.92,<0.2",
     "absl-py>=2.1,<3",
     "numpy>=1.26",
+    "tensorboardX>=2.6",
+    "tqdm>=4.60",
 ]
 
 EXTRAS_REQUIRE = {

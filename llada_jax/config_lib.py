@@ -12,7 +12,7 @@ import pathlib
 
 import ml_collections
 
-from llada_jax import sharding
+from llada_jax import optim, sharding
 
 OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
 _CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_too_long = "error"  # error | truncate | skip
   c.data.seed = -1  # -1: use `seed`
 
-  c.optimizer = _optimizer_defaults()
+  c.optimizer = optim.default_optimizer_config("pretrain")
+  c.optimizer.total_steps = c.get_ref("total_steps")  # one source of truth for the schedule's length
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
   c.sharding_rules = tuple(sharding.DEFAULT_RULES)
@@ -85,16 +86,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = -1
   c.distributed.process_id = -1
   return c
-
-
-def _optimizer_defaults() -> ml_collections.ConfigDict:
-  try:
-    from llada_jax import optim
-  except ImportError:  # optim is optional at config-building time only for tooling
-    optim = None
-  if optim is not None and hasattr(optim, "default_optimizer_config"):
-    return optim.default_optimizer_config()
-  raise ImportError("llada_jax.optim.default_optimizer_config is required")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -151,19 +151,27 @@ class SFTNoise(NamedTuple):
 
 
 def sft_noise(key: Array, tokens: Array, prompt_lengths: Array, *, mask_id: int, eps: float = DEFAULT_EPS,
-              prompt_drop_prob: float = 0.0, lengths: Array | None = None) -> SFTNoise:
+              prompt_drop_prob: float = 0.0, lengths: Array | None = None,
+              example_ids: Array | None = None) -> SFTNoise:
   """Noise the whole sequence, then put the prompt back: only answer tokens are ever masked.
 
   With probability `prompt_drop_prob` a row's whole prompt is masked in the input (never in the
-  loss), which trains the unconditional model used by classifier-free guidance.
+  loss), which trains the unconditional model used by classifier-free guidance. With
+  `example_ids`, each row draws from fold_in(key, example_id), so its noise does not depend on
+  how the batch is split into micro-batches or devices.
   """
   b, l = tokens.shape
-  k_t, k_mask, k_drop = jax.random.split(key, 3)
-  p = mask_ratio(jax.random.uniform(k_t, (b,)), eps)
+  keys = jax.random.split(key, b) if example_ids is None else example_keys(key, example_ids)
+
+  def draw(k):
+    k_t, k_mask, k_drop = jax.random.split(k, 3)
+    return jax.random.uniform(k_t), jax.random.uniform(k_mask, (l,)), jax.random.bernoulli(k_drop, prompt_drop_prob)
+
+  t, u, drop = jax.vmap(draw)(keys)
+  p = mask_ratio(t, eps)
   answer = answer_mask(prompt_lengths, lengths, l)
-  masked = bernoulli_mask(k_mask, p, answer)
+  masked = (u < p[:, None]) & answer
   prompt = jnp.arange(l)[None, :] < prompt_lengths[:, None]
-  drop = jax.random.bernoulli(k_drop, prompt_drop_prob, (b,))
   input_masked = masked | (prompt & drop[:, None])
   return SFTNoise(apply_mask(tokens, input_masked, mask_id), masked, p, answer, valid_mask(lengths, l))
 
@@ -184,16 +192,17 @@ def sft_loss_from_logits(logits: Array, tokens: Array, noise: SFTNoise) -> tuple
 
 
 def sft_loss(logits_fn: LogitsFn, params, tokens, prompt_lengths, key, *, mask_id: int,
-             eps: float = DEFAULT_EPS, prompt_drop_prob: float = 0.0, lengths=None):
+             eps: float = DEFAULT_EPS, prompt_drop_prob: float = 0.0, lengths=None, example_ids=None):
   noise = sft_noise(key, tokens, prompt_lengths, mask_id=mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob,
-                    lengths=lengths)
+                    lengths=lengths, example_ids=example_ids)
   logits = logits_fn(params, noise.noisy_tokens, key_mask=noise.valid)
   return sft_loss_from_logits(logits, tokens, noise)
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTLoss:
-  """SFT objective; batch = {'tokens', 'prompt_lengths'} (+ optional 'lengths' of valid tokens)."""
+  """SFT objective; batch = {'tokens', 'prompt_lengths'} (+ optional 'lengths' of valid tokens and
+  'example_id' for per-example noise)."""
 
   logits_fn: LogitsFn
   mask_id: int
@@ -202,7 +211,8 @@ class SFTLoss:
 
   def __call__(self, params, batch, key):
     return sft_loss(self.logits_fn, params, batch["tokens"], batch["prompt_lengths"], key, mask_id=self.mask_id,
-                    eps=self.eps, prompt_drop_prob=self.prompt_drop_prob, lengths=batch.get("lengths"))
+                    eps=self.eps, prompt_drop_prob=self.prompt_drop_prob, lengths=batch.get("lengths"),
+                    example_ids=batch.get("example_id"))
 
 
 # --------------------------------------------------------------------------------------------

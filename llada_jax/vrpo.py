@@ -140,7 +140,7 @@ class VRPOLoss:
     if cfg.sft_weight:
       sft, _ = diffusion.sft_loss(self.logits_fn, params, batch["chosen"], batch["prompt_lengths"],
                                   jax.random.fold_in(key, _SFT_TAG), mask_id=self.mask_id, eps=cfg.eps,
-                                  lengths=batch["chosen_lengths"])
+                                  lengths=batch["chosen_lengths"], example_ids=batch["example_id"])
       metrics["sft_loss"] = sft
       loss = loss + cfg.sft_weight * sft
     metrics["loss"] = loss
