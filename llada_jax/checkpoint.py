@@ -162,6 +162,7 @@ class CheckpointManager:
     async_save: write arrays in a background thread; `save` returns once they are copied off the
       devices. Call `wait_until_finished` (or `close`) before reading them back or exiting.
     metadata: JSON-able run metadata stored with every checkpoint (e.g. `config.to_dict()`).
+    read_only: open another run's checkpoints for reading: nothing is created, cleaned or saved.
   """
 
   def __init__(
@@ -172,6 +173,7 @@ class CheckpointManager:
       max_to_keep: int | None = None,
       async_save: bool = True,
       metadata: Mapping[str, Any] | None = None,
+      read_only: bool = False,
   ):
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
@@ -180,6 +182,12 @@ class CheckpointManager:
     self.directory = epath.Path(directory)
     self._metadata = _to_json_dict(metadata or {})
     policies = ocp.checkpoint_managers
+    if read_only:
+      if not self.directory.exists():
+        raise FileNotFoundError(f"No checkpoint directory at {self.directory}.")
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+      return
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
@@ -511,3 +519,35 @@ def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.asarray(flag, dtype=np.int32))
   return bool(np.any(flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model from a run directory
+
+
+def _checkpoint_dir(path: epath.PathLike) -> epath.Path:
+  """A run's workdir or its checkpoints/ directory -> the checkpoints directory."""
+  path = epath.Path(path)
+  if (path / "checkpoints").exists():
+    return path / "checkpoints"
+  return path
+
+
+def load_model(path: epath.PathLike, *, step: int | None = None, overrides: Mapping[str, Any] | None = None):
+  """(ModelConfig, params, run config dict) from a training run, for generation and evaluation.
+
+  `path` is a run's workdir or its `checkpoints/` directory. The model config comes from the run
+  metadata saved with the checkpoint; `overrides` changes numerics-only fields (e.g. dtype).
+  Parameters land on the default device.
+  """
+  from llada_jax import model as model_lib  # noqa: PLC0415 - the model is not needed to checkpoint
+
+  directory = _checkpoint_dir(path)
+  with CheckpointManager(directory, read_only=True) as manager:
+    step = manager.latest_step() if step is None else step
+    config = manager.read_metadata(step).get("config")
+  if not config or "model" not in config:
+    raise ValueError(f"Checkpoint step {step} in {directory} has no model config in its run metadata.")
+  model_cfg = model_lib.ModelConfig.from_dict({**config["model"], **dict(overrides or {})})
+  params = load_params(directory, model_lib.abstract_params(model_cfg), step=step)
+  return model_cfg, params, config

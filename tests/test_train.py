@@ -146,6 +146,10 @@ def test_resume_gives_the_same_parameters(corpus, tmp_path, objective):
   second = train.run(resumed)
   assert second.final_step == 6
   chex.assert_trees_all_equal(_final_params(straight.workdir, straight), _final_params(resumed.workdir, resumed))
+  # A run directory is enough to get the model back (config from the checkpoint's metadata).
+  model_cfg, params, run_config = ckpt_lib.load_model(straight.workdir)
+  assert model_cfg == model_lib.ModelConfig.from_dict(straight.model) and run_config["objective"] == objective
+  chex.assert_trees_all_equal(params, _final_params(straight.workdir, straight))
   # Metrics of the resumed half match the uninterrupted run's.
   lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
