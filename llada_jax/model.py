@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -248,6 +248,8 @@ class Attention(nn.Module):
     if cfg.attention_impl == "xla":
       out = _xla_attention(q, k, v, mask, scale)
     else:
+      if mask is not None:  # cuDNN wants the mask's query and key lengths spelled out
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
       out = jax.nn.dot_product_attention(
           q, k, v, mask=mask, scale=scale,
           implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
@@ -391,3 +393,135 @@ def logical_axes(config: ModelConfig):
 
 def count_params(params) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes with per-layer keys/values, for the KV-cached samplers (llada_jax.sampling).
+#
+# These read the same parameter tree as `LLaDA` (scanned or not) and repeat its numerics step by
+# step: the cache holds each layer's keys (after RoPE) and values for the whole sequence, and a
+# span of query positions can then be run against it with its own keys/values recomputed.
+
+
+class KVCache(NamedTuple):
+  """Keys (after RoPE) and values of every layer: [layers, batch, length, kv_heads, head_dim]."""
+
+  k: Array
+  v: Array
+
+
+def _rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _attend(cfg: ModelConfig, q, k, v, mask):
+  scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
+  if cfg.attention_impl == "xla":
+    return _xla_attention(q, k, v, mask, scale)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=scale, implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+
+
+def _qkv(cfg: ModelConfig, p, h, rope):
+  cdt = cfg.compute_dtype
+  axes = ("batch", "length", "heads", "head_dim")
+  q, k, v = (_constrain(jnp.einsum("btd,dhk->bthk", h, p[name].astype(cdt)), axes)
+             for name in ("q_proj", "k_proj", "v_proj"))
+  sin, cos = rope
+  return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+
+
+def _block_rest(cfg: ModelConfig, p, x, q, k, v, mask):
+  """The rest of a Block after its keys/values are chosen: attention output, residuals, MLP."""
+  cdt = cfg.compute_dtype
+  out = _constrain(_attend(cfg, q, k, v, mask), ("batch", "length", "heads", "head_dim"))
+  x = x + jnp.einsum("bthk,hkd->btd", out, p["attn"]["attn_out"].astype(cdt))
+  h = _rms_norm(x, p["ff_norm"]["weight"], cfg.norm_eps).astype(cdt)
+  m = p["mlp"]
+  gate = jnp.einsum("btd,dm->btm", h, m["ff_proj"].astype(cdt))
+  up = jnp.einsum("btd,dm->btm", h, m["up_proj"].astype(cdt))
+  hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+  x = x + jnp.einsum("btm,md->btd", hidden, m["ff_out"].astype(cdt))
+  return _constrain(x, ("batch", "length", "embed"))
+
+
+def _over_layers(cfg: ModelConfig, params, layer_fn, x, xs=None):
+  """Runs `layer_fn(x, (layer_params, *xs_l)) -> (x, y_l)` over the layers; ys stacked on axis 0."""
+  if cfg.scan_layers:
+    return jax.lax.scan(layer_fn, x, (params["blocks"]["block"], *(xs or ())))
+  ys = []
+  for i in range(cfg.n_layers):
+    x, y = layer_fn(x, (params[f"blocks_{i}"], *(a[i] for a in (xs or ()))))
+    ys.append(y)
+  return x, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
+def _embed(cfg: ModelConfig, params, tokens):
+  x = jnp.take(params["wte"], tokens, axis=0).astype(cfg.compute_dtype)
+  return _constrain(x, ("batch", "length", "embed"))
+
+
+def _head(cfg: ModelConfig, params, x, logits_range):
+  if logits_range is not None:
+    start, length = logits_range
+    x = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
+  x = _rms_norm(x, params["ln_f"]["weight"], cfg.norm_eps)
+  logits = jnp.einsum("btd,dv->btv", x, params["ff_out"].astype(cfg.compute_dtype),
+                      preferred_element_type=jnp.float32)
+  return _constrain(logits, ("batch", "length", "vocab"))
+
+
+def _positions(tokens, positions):
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
+
+
+def forward_with_cache(config: ModelConfig, params, tokens: Array, *, key_mask: Array | None = None,
+                       positions: Array | None = None, logits_range=None) -> tuple[Array, KVCache]:
+  """(float32 logits, KVCache) of a full forward pass; the logits equal `logits_fn`'s.
+
+  `logits_range=(start, length)` (start may be traced, length static) computes logits only for
+  those positions: samplers need one block's logits, and the LM head is large.
+  """
+  cfg = config
+  rope = rope_tables(_positions(tokens, positions), cfg.resolved_head_dim, cfg.rope_theta)
+  mask = attention_mask(key_mask, None)
+
+  def layer(x, xs):
+    (p,) = xs
+    h = _rms_norm(x, p["attn_norm"]["weight"], cfg.norm_eps).astype(cfg.compute_dtype)
+    q, k, v = _qkv(cfg, p["attn"], h, rope)
+    return _block_rest(cfg, p, x, q, k, v, mask), (k, v)
+
+  x, (ks, vs) = _over_layers(cfg, params, layer, _embed(cfg, params, tokens))
+  return _head(cfg, params, x, logits_range), KVCache(ks, vs)
+
+
+def forward_span(config: ModelConfig, params, span_tokens: Array, cache: KVCache, span_start, *,
+                 key_mask: Array | None = None, span_positions: Array | None = None,
+                 num_logits: int | None = None) -> Array:
+  """float32 logits of the span `[span_start, span_start + S)` against cached keys/values.
+
+  Queries are the span's tokens only. Keys/values are the cache's for every position outside the
+  span and freshly computed for the span itself; `key_mask` [batch, length] covers the whole
+  cached sequence. With a cache computed from the current tokens this equals the full forward
+  on the span's positions. `num_logits` (static) keeps only the first positions of the span.
+  """
+  cfg = config
+  if span_positions is None:
+    span_positions = jnp.broadcast_to(span_start + jnp.arange(span_tokens.shape[1]), span_tokens.shape)
+  rope = rope_tables(span_positions, cfg.resolved_head_dim, cfg.rope_theta)
+  mask = attention_mask(key_mask, None)
+
+  def layer(x, xs):
+    p, k_cache, v_cache = xs
+    h = _rms_norm(x, p["attn_norm"]["weight"], cfg.norm_eps).astype(cfg.compute_dtype)
+    q, k, v = _qkv(cfg, p["attn"], h, rope)
+    at = (0, span_start, 0, 0)
+    k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+    v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+    return _block_rest(cfg, p, x, q, k, v, mask), None
+
+  x, _ = _over_layers(cfg, params, layer, _embed(cfg, params, span_tokens), (cache.k, cache.v))
+  return _head(cfg, params, x, None if num_logits is None else (0, num_logits))
