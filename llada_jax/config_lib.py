@@ -18,12 +18,26 @@ OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
 _CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-def model_preset(name: str) -> ml_collections.ConfigDict:
-  """A model preset from `configs/models.py`, plus the numerics and memory fields."""
-  spec = importlib.util.spec_from_file_location("_llada_model_presets", _CONFIGS_DIR / "models.py")
+def load_config_module(path):
+  """A config file as a module (config files import their siblings this way)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"No config file at {path}")
+  spec = importlib.util.spec_from_file_location(f"_llada_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(name)
+  return module
+
+
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config([arg])` of a config file, as `--config=path[:arg]` would load it."""
+  module = load_config_module(path)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def model_preset(name: str) -> ml_collections.ConfigDict:
+  """A model preset from `configs/models.py`, with every ModelConfig field."""
+  return load_config_file(_CONFIGS_DIR / "models.py", name)
 
 
 def base_config() -> ml_collections.ConfigDict:

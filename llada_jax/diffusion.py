@@ -263,9 +263,12 @@ def sample_elbo_masks(key: Array, answer_l: Array, config: ELBOConfig) -> tuple[
 
   if config.estimator == "l_over_L":
     if config.stratified:
+      # The reference rounds k + j L / n half-to-even, which ties to whichever level is even and so
+      # biases the estimate when j L / n hits x.5. Rounding the offset alone (half up) shifts a
+      # uniform k by a constant: every level stays uniform, and the estimate unbiased.
       start = jax.random.randint(k_level, (), 1, safe_len + 1)
-      raw = jnp.round(start + jnp.arange(n_t) * safe_len / n_t).astype(jnp.int32)
-      levels = (raw - 1) % safe_len + 1
+      offset = jnp.floor(jnp.arange(n_t) * safe_len / n_t + 0.5).astype(jnp.int32)
+      levels = (start + offset - 1) % safe_len + 1
     else:
       levels = jax.random.randint(k_level, (n_t,), 1, safe_len + 1)
     levels = jnp.repeat(levels, n_yt)

@@ -1,0 +1,26 @@
+"""What the demo recipe's stages share: the model, the data shape and the logging.
+
+The demo (`python -m llada_jax.demo`) fills in the data and tokenizer paths and the workdirs; run a
+stage alone with `--config.workdir=... --config.data.train_files=... --config.data.tokenizer=...`.
+"""
+
+from llada_jax import config_lib
+
+SEQ_LEN = 80  # task prompt <= 40 tokens + worked solution and EOS <= 40 tokens
+
+
+def base(objective: str, total_steps: int):
+  c = config_lib.base_config()
+  c.objective = objective
+  c.total_steps = total_steps
+  c.model = config_lib.model_preset("demo")
+  c.model.vocab_size = 1024  # the demo tokenizer has fewer pieces; ids must fit
+  c.data.seq_len = SEQ_LEN
+  c.data.chat_template = False  # the task's prompts end with a newline; the answer follows
+  c.data.on_too_long = "skip"
+  c.diffusion.random_length_prob = 0.0
+  c.checkpoint.every_steps = 50
+  c.checkpoint.max_to_keep = 1
+  c.logging.every_steps = 10
+  c.mesh.data = -1
+  return c

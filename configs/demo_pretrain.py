@@ -1,0 +1,20 @@
+"""Demo stage 1: pretrain the mask predictor on the task's running text (LLaDA's WSD schedule)."""
+
+import pathlib
+
+from llada_jax import config_lib
+
+common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_common.py"))
+
+
+def get_config():
+  c = common.base("pretrain", total_steps=250)
+  c.data.global_batch_size = 32
+  c.optimizer.schedule = "wsd"
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 30
+  c.optimizer.decay_start = 0.7
+  c.optimizer.decay_lr = 3e-4
+  c.optimizer.final_lr = 1e-4
+  c.optimizer.weight_decay = 0.1
+  return c

@@ -1,0 +1,29 @@
+"""Demo stage 3: VRPO from the SFT model (policy init and frozen reference) on its own verified
+samples. `--config=configs/demo_vrpo.py:naive_dpo` gives the naive-DPO baseline (n_t = n_yt = 1,
+no antithetic sampling) with everything else equal.
+"""
+
+import pathlib
+
+from llada_jax import config_lib
+
+common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_common.py"))
+
+
+def get_config(variant: str = "vrpo"):
+  if variant not in ("vrpo", "naive_dpo"):
+    raise ValueError(f"configs/demo_vrpo.py: variant {variant!r}; expected 'vrpo' or 'naive_dpo'")
+  c = common.base(variant, total_steps=60)
+  c.data.global_batch_size = 16
+  c.optimizer = config_lib.optim.default_optimizer_config("vrpo")
+  c.optimizer.total_steps = c.get_ref("total_steps")
+  c.optimizer.lr = 5e-5
+  c.optimizer.warmup_steps = 6
+  c.vrpo.beta = 0.2
+  c.vrpo.n_timesteps = 8
+  c.vrpo.masks_per_timestep = 1
+  c.vrpo.antithetic = True
+  c.vrpo.sft_weight = 0.05
+  c.checkpoint.every_steps = 20
+  c.logging.every_steps = 5
+  return c

@@ -1,0 +1,243 @@
+"""python -m llada_jax.demo --workdir runs/demo
+
+The LLaDA 1.5 recipe in miniature, offline on a CPU: generate the shipped arithmetic task, train a
+tokenizer, pretrain a mask predictor, supervise-fine-tune it, sample answers from the SFT model,
+verify them and pair a correct with an incorrect one, align with VRPO and with the naive-DPO
+baseline (several seeds), and evaluate every model on the held-out test split.
+
+Every stage writes its outputs under the workdir and is skipped when they exist (training stages
+resume from their checkpoints), so running the same command again continues where it stopped.
+Training goes through `llada_jax.train.run` with the recipe files `configs/demo_*.py`; the CLIs
+(`llada_jax.train`, `llada_jax.generate`, `llada_jax.evaluate`) can run any stage alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from llada_jax import checkpoint as ckpt_lib
+from llada_jax import config_lib, train
+from llada_jax.data import demo_task
+from llada_jax.data import tokenizer as tok_lib
+from llada_jax.eval import generation
+from llada_jax.sampling import SamplerConfig
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Sizes of one demo run; `FULL` is the README's, `SMOKE` a seconds-long version for tests."""
+
+  level: str = "medium"
+  n_train: int = 20000
+  n_validation: int = 200
+  n_test: int = 200
+  vocab_size: int = 1024
+  pretrain_steps: int | None = None  # None: the config file's value
+  sft_steps: int | None = None
+  vrpo_steps: int | None = None
+  pref_prompts: int = 256  # training prompts the SFT model answers to build preference pairs
+  samples_per_prompt: int = 4
+  pair_temperature: float = 0.8
+  # When a prompt has no right (or no usable wrong) sample, stand in the worked solution (or it with
+  # a wrong final answer): only for the smoke run, whose barely trained model is never right.
+  gold_fallback: bool = False
+  seeds: tuple = (0, 1, 2)
+  eval_batch: int = 50
+  model_overrides: tuple = ()  # (field, value) pairs applied to every stage's model
+  batch_overrides: tuple = ()  # (stage, global_batch_size)
+  optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
+  # Greedy decoding of up to 48 answer tokens in three semi-autoregressive blocks; answers are
+  # short, so two tokens a step.
+  gen_length: int = 48
+  block_length: int = 16
+  steps: int = 24
+
+
+FULL = Recipe()
+SMOKE = Recipe(n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_steps=3, sft_steps=3, vrpo_steps=2,
+               pref_prompts=16, samples_per_prompt=2, gold_fallback=True, seeds=(0,), eval_batch=16,
+               model_overrides=(("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("mlp_hidden_size", 128),
+                                ("vocab_size", 320)),
+               batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 4)), optimizer_overrides=(("warmup_steps", 0),),
+               gen_length=16, block_length=8, steps=8)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.Path, files, tokenizer: str,
+                  steps: int | None, seed: int = 0):
+  config = config_lib.load_config_file(CONFIGS / f"demo_{name}.py", arg)
+  config.workdir = str(workdir)
+  config.data.train_files = tuple(str(f) for f in files)
+  config.data.tokenizer = tokenizer
+  config.seed = seed
+  if steps is not None:
+    config.total_steps = steps
+  for field, value in recipe.model_overrides:
+    config.model[field] = value
+  for field, value in recipe.optimizer_overrides:
+    config.optimizer[field] = value
+  for stage, batch in recipe.batch_overrides:
+    if stage == name:
+      config.data.global_batch_size = batch
+  config.logging.progress_bar = False
+  return config
+
+
+def _train(config) -> pathlib.Path:
+  t = time.perf_counter()
+  result = train.run(config)
+  logging.info("%s: step %d in %.0f s", config.workdir, result.final_step, time.perf_counter() - t)
+  return pathlib.Path(config.workdir)
+
+
+def sampler_config(recipe: Recipe, temperature: float = 0.0) -> SamplerConfig:
+  return SamplerConfig(gen_length=recipe.gen_length, block_length=recipe.block_length, steps=recipe.steps,
+                       temperature=temperature)
+
+
+def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, out_path: pathlib.Path) -> dict:
+  """Samples answers from the model, verifies them, and pairs a correct with an incorrect one.
+
+  Each prompt contributes at most one pair (its first correct and first incorrect sample), so
+  prompts the model always or never solves give none.
+  """
+  model_cfg, params, _ = ckpt_lib.load_model(run_dir)
+  k = recipe.samples_per_prompt
+  repeated = [ex for ex in examples for _ in range(k)]
+  out = generation.evaluate_generation(params, model_cfg, tokenizer, repeated,
+                                       sampler_config(recipe, recipe.pair_temperature), key,
+                                       batch_size=recipe.eval_batch, verifier=demo_task.verify)
+  pairs, solved = [], 0
+  for i, ex in enumerate(examples):
+    records = out["records"][i * k:(i + 1) * k]
+    good = [r["completion"] for r in records if r["correct"]]
+    # An empty answer is wrong, but the data pipeline refuses empty fields.
+    bad = [r["completion"] for r in records if not r["correct"] and r["completion"].strip()]
+    solved += bool(good)
+    if recipe.gold_fallback:
+      good = good or [ex["response"]]
+      bad = bad or [ex["response"].rsplit("####", 1)[0] + f"#### {ex['answer'] + 1}"]
+    if good and bad:
+      pairs.append({"prompt": ex["prompt"], "chosen": good[0], "rejected": bad[0]})
+  _atomic_write(out_path, "".join(json.dumps(p) + "\n" for p in pairs))
+  return {"prompts": len(examples), "samples": len(repeated), "sample_accuracy": out["accuracy"],
+          "prompts_with_a_correct_sample": solved, "pairs": len(pairs)}
+
+
+def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib.Path) -> dict:
+  if out_path.exists():
+    return json.loads(out_path.read_text())
+  model_cfg, params, _ = ckpt_lib.load_model(run_dir)
+  t = time.perf_counter()
+  out = generation.evaluate_generation(params, model_cfg, tokenizer, examples, sampler_config(recipe),
+                                       jax.random.key(0), batch_size=recipe.eval_batch,
+                                       verifier=demo_task.verify)
+  result = {"accuracy": out["accuracy"], "n": out["n"], "seconds": time.perf_counter() - t,
+            "steps_valid": float(np.mean([demo_task.verify_steps(r["completion"]) for r in out["records"]])),
+            "records": out["records"][:20]}
+  _atomic_write(out_path, json.dumps(result, indent=1))
+  return result
+
+
+def run_demo(workdir, recipe: Recipe = FULL) -> dict:
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = {}
+  t0 = time.perf_counter()
+
+  data_dir = workdir / "data"
+  if not (data_dir / "test.jsonl").exists():
+    demo_task.write_task(data_dir, train=recipe.n_train, validation=recipe.n_validation, test=recipe.n_test,
+                         level=recipe.level)
+  tok_path = workdir / "tokenizer.model"
+  if not tok_path.exists():
+    tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size)
+  tokenizer = tok_lib.load_tokenizer(tok_path)
+  timings["data"] = time.perf_counter() - t0
+
+  def stage(name, arg, run_name, files, steps, seed=0, init_from=None):
+    t = time.perf_counter()
+    config = _stage_config(recipe, name, arg, workdir / run_name, files, str(tok_path), steps, seed)
+    if init_from is not None:
+      config.checkpoint.init_from = str(workdir / init_from / "checkpoints")
+    out = _train(config)
+    timings[run_name] = time.perf_counter() - t
+    return out
+
+  stage("pretrain", None, "pretrain", [data_dir / "pretrain.txt"], recipe.pretrain_steps)
+  stage("sft", None, "sft", [data_dir / "train.jsonl"], recipe.sft_steps, init_from="pretrain")
+
+  test = demo_task.read_jsonl(data_dir / "test.jsonl")
+  pairs_path = workdir / "preferences.jsonl"
+  t = time.perf_counter()
+  if not pairs_path.exists():
+    prompts = demo_task.read_jsonl(data_dir / "train.jsonl")
+    rng = random.Random(1234)
+    chosen = rng.sample(prompts, min(recipe.pref_prompts, len(prompts)))
+    stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path)
+    _atomic_write(workdir / "preferences.stats.json", json.dumps(stats, indent=1))
+  timings["preferences"] = time.perf_counter() - t
+
+  results = {"sft": [evaluate_run(workdir / "sft", tokenizer, test, recipe, workdir / "sft" / "test_eval.json")]}
+  for seed in recipe.seeds:
+    for variant in ("vrpo", "naive_dpo"):
+      run_name = f"{variant}_seed{seed}"
+      stage("vrpo", variant, run_name, [pairs_path], recipe.vrpo_steps, seed=seed, init_from="sft")
+      t = time.perf_counter()
+      results.setdefault(variant, []).append(
+          evaluate_run(workdir / run_name, tokenizer, test, recipe, workdir / run_name / "test_eval.json"))
+      timings[f"eval_{run_name}"] = time.perf_counter() - t
+  timings["total"] = time.perf_counter() - t0
+
+  summary = {
+      "test_accuracy": {k: {"mean": float(np.mean([r["accuracy"] for r in v])),
+                            "std": float(np.std([r["accuracy"] for r in v])),
+                            "per_seed": [r["accuracy"] for r in v]} for k, v in results.items()},
+      "preferences": json.loads((workdir / "preferences.stats.json").read_text()),
+      "seconds": timings,
+  }
+  _atomic_write(workdir / "results.json", json.dumps(summary, indent=1))
+  return summary
+
+
+def format_results(summary: dict) -> str:
+  lines = ["| model | test accuracy (mean +- std over seeds) | per seed |", "| --- | --- | --- |"]
+  for name, acc in summary["test_accuracy"].items():
+    per_seed = ", ".join(f"{a:.3f}" for a in acc["per_seed"])
+    lines.append(f"| {name} | {acc['mean']:.3f} +- {acc['std']:.3f} | {per_seed} |")
+  return "\n".join(lines)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "A seconds-long version of the whole chain (for tests).")
+_SEEDS = flags.DEFINE_list("seeds", None, "Alignment seeds (default: the recipe's 0,1,2).")
+
+
+def main(argv):
+  del argv
+  recipe = SMOKE if _SMOKE.value else FULL
+  if _SEEDS.value:
+    recipe = dataclasses.replace(recipe, seeds=tuple(int(s) for s in _SEEDS.value))
+  summary = run_demo(_WORKDIR.value, recipe)
+  print(format_results(summary))
+  print(f"total {summary['seconds']['total']:.0f} s; details in {_WORKDIR.value}/results.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
