@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tensorboardX>=2.6",
     "tqdm>=4.60",
+    "matplotlib>=3.7",
 ]
 
 EXTRAS_REQUIRE = {

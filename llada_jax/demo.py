@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from llada_jax import checkpoint as ckpt_lib
-from llada_jax import config_lib, train
+from llada_jax import config_lib, plots, train
 from llada_jax.data import demo_task
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.eval import generation
@@ -54,9 +54,11 @@ class Recipe:
   gold_fallback: bool = False
   seeds: tuple = (0, 1, 2)
   eval_batch: int = 50
+  table2: tuple = (("n_pairs", 128), ("batch_size", 16), ("n_repeats", 8))
   model_overrides: tuple = ()  # (field, value) pairs applied to every stage's model
   batch_overrides: tuple = ()  # (stage, global_batch_size)
   optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
+  seq_len: int | None = None  # None: the config files' value
   # Greedy decoding of up to 48 answer tokens in three semi-autoregressive blocks; answers are
   # short, so two tokens a step.
   gen_length: int = 48
@@ -67,9 +69,10 @@ class Recipe:
 FULL = Recipe()
 SMOKE = Recipe(n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_steps=3, sft_steps=3, vrpo_steps=2,
                pref_prompts=16, samples_per_prompt=2, gold_fallback=True, seeds=(0,), eval_batch=16,
+               table2=(("n_pairs", 8), ("batch_size", 4), ("n_repeats", 2)),
                model_overrides=(("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("mlp_hidden_size", 128),
                                 ("vocab_size", 320)),
-               batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 4)), optimizer_overrides=(("warmup_steps", 0),),
+               batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 8)), optimizer_overrides=(("warmup_steps", 0),), seq_len=160,
                gen_length=16, block_length=8, steps=8)
 
 
@@ -90,6 +93,8 @@ def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.P
     config.total_steps = steps
   for field, value in recipe.model_overrides:
     config.model[field] = value
+  if recipe.seq_len is not None:
+    config.data.seq_len = recipe.seq_len
   for field, value in recipe.optimizer_overrides:
     config.optimizer[field] = value
   for stage, batch in recipe.batch_overrides:
@@ -155,6 +160,62 @@ def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib
   return result
 
 
+# Paper Table 2's sampling settings: (n_timesteps, masks_per_timestep, antithetic).
+TABLE2_SETTINGS = ((4, 1, True), (1, 1, True), (8, 1, True), (1, 4, True), (2, 2, True), (4, 1, False))
+PAPER_TABLE2 = {  # score / loss / gradient variance, LLaDA 8B (REFERENCE section 5)
+    (4, 1, True): (2.2, 3.1e-3, 2.5), (1, 1, True): (44.0, 8.7e-2, 13.0), (8, 1, True): (1.0, 2.6e-3, 1.6),
+    (1, 4, True): (7.3, 3.2e-2, 4.7), (2, 2, True): (4.7, 7.3e-3, 2.5), (4, 1, False): (2183.7, 62.0, 10.6)}
+
+
+def variance_table(workdir, recipe: Recipe, *, policy: str, reference: str = "sft", n_pairs: int = 128,
+                   batch_size: int = 16, n_repeats: int = 8) -> list[dict]:
+  """Paper Table 2 on the demo model: score, loss and gradient variance per sampling setting.
+
+  The policy is an aligned model and the reference the SFT model, as in the paper; `n_pairs`
+  preference pairs in batches of `batch_size`, each evaluated `n_repeats` times with fresh
+  timesteps and masks.
+  """
+  from llada_jax import model as model_lib, vrpo  # noqa: PLC0415
+  from llada_jax.data import pipelines  # noqa: PLC0415
+
+  workdir = pathlib.Path(workdir)
+  model_cfg, policy_params, run_config = ckpt_lib.load_model(workdir / policy)
+  _, reference_params, _ = ckpt_lib.load_model(workdir / reference)
+  tokenizer = tok_lib.load_tokenizer(workdir / "tokenizer.model")
+  source = pipelines.make_source("preference", [workdir / "preferences.jsonl"], tokenizer,
+                                 seq_len=run_config["data"]["seq_len"], chat_template=False, on_too_long="skip")
+  n = min(n_pairs, len(source)) // batch_size * batch_size
+  if n == 0:
+    raise ValueError(f"{workdir}/preferences.jsonl has {len(source)} pairs; expected at least {batch_size}")
+  rows = [source[i] for i in range(n)]
+  batches = [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+             for i in range(0, n, batch_size)]
+  logits = model_lib.logits_fn(model_cfg)
+  table = []
+  for n_t, n_yt, antithetic in TABLE2_SETTINGS:
+    loss = vrpo.VRPOLoss(logits, model_cfg.mask_token_id,
+                         vrpo.VRPOConfig(beta=run_config["vrpo"]["beta"], n_timesteps=n_t, masks_per_timestep=n_yt,
+                                         antithetic=antithetic))
+    out = vrpo.variance_diagnostics(loss, policy_params, reference_params, batches, jax.random.key(11),
+                                    n_repeats=n_repeats)
+    table.append({"n_timesteps": n_t, "masks_per_timestep": n_yt, "antithetic": antithetic, "pairs": n, **out,
+                  "paper": dict(zip(("score_variance", "loss_variance", "gradient_variance"),
+                                    PAPER_TABLE2[(n_t, n_yt, antithetic)]))})
+    logging.info("Table 2 %s: %s", (n_t, n_yt, antithetic), out)
+  return table
+
+
+def format_variance_table(table: list[dict]) -> str:
+  lines = ["| n_t, n_yt, antithetic | Var score | Var loss | Var gradient | paper (score / loss / grad) |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in table:
+    p = r["paper"]
+    lines.append(f"| {r['n_timesteps']}, {r['masks_per_timestep']}, {'yes' if r['antithetic'] else 'no'} | "
+                 f"{r['score_variance']:.3g} | {r['loss_variance']:.3g} | {r['gradient_variance']:.3g} | "
+                 f"{p['score_variance']} / {p['loss_variance']} / {p['gradient_variance']} |")
+  return "\n".join(lines)
+
+
 def run_demo(workdir, recipe: Recipe = FULL) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +264,17 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
       results.setdefault(variant, []).append(
           evaluate_run(workdir / run_name, tokenizer, test, recipe, workdir / run_name / "test_eval.json"))
       timings[f"eval_{run_name}"] = time.perf_counter() - t
+  t = time.perf_counter()
+  table_path = workdir / "variance_table.json"
+  if not table_path.exists():
+    table = variance_table(workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2))
+    _atomic_write(table_path, json.dumps(table, indent=1))
+  table = json.loads(table_path.read_text())
+  plots.variance_table(table, workdir / "variance_table.png")
+  runs = {name: workdir / name / "metrics.jsonl" for name in
+          ["pretrain", "sft"] + [f"{v}_seed{recipe.seeds[0]}" for v in ("vrpo", "naive_dpo")]}
+  plots.training_curves(runs, workdir / "training_curves.png")
+  timings["variance_table"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - t0
 
   summary = {
@@ -210,6 +282,7 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
                             "std": float(np.std([r["accuracy"] for r in v])),
                             "per_seed": [r["accuracy"] for r in v]} for k, v in results.items()},
       "preferences": json.loads((workdir / "preferences.stats.json").read_text()),
+      "variance_table": [{k: v for k, v in r.items()} for r in table],
       "seconds": timings,
   }
   _atomic_write(workdir / "results.json", json.dumps(summary, indent=1))
@@ -236,6 +309,8 @@ def main(argv):
     recipe = dataclasses.replace(recipe, seeds=tuple(int(s) for s in _SEEDS.value))
   summary = run_demo(_WORKDIR.value, recipe)
   print(format_results(summary))
+  print()
+  print(format_variance_table(summary["variance_table"]))
   print(f"total {summary['seconds']['total']:.0f} s; details in {_WORKDIR.value}/results.json")
 
 

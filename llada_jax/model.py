@@ -420,6 +420,8 @@ def _attend(cfg: ModelConfig, q, k, v, mask):
   scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
   if cfg.attention_impl == "xla":
     return _xla_attention(q, k, v, mask, scale)
+  if mask is not None:  # as in Attention: cuDNN wants the query and key lengths spelled out
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, scale=scale, implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
 

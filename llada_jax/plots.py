@@ -51,8 +51,8 @@ def training_curves(runs: Mapping[str, str], out_path) -> None:
 
 def variance_table(rows: Sequence[Mapping], out_path) -> None:
   """Bar charts (log scale) of the score, loss and gradient variances per sampling setting."""
-  labels = [f"n_t={r['n_timesteps']}, n_yt={r['masks_per_timestep']}\n"
-            f"{'antithetic' if r['antithetic'] else 'independent'}" for r in rows]
+  labels = [f"{r['n_timesteps']}, {r['masks_per_timestep']}\n{'antith.' if r['antithetic'] else 'indep.'}"
+            for r in rows]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for ax, key, title in zip(axes, ("score_variance", "loss_variance", "gradient_variance"),
                             ("Var of score", "Var of loss", "Var of gradient (block-0 FFN up-projection)")):
@@ -60,7 +60,8 @@ def variance_table(rows: Sequence[Mapping], out_path) -> None:
     colors = ["tab:red" if not r["antithetic"] else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), values, color=colors)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xlabel("n_t, n_yt, sampling")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")

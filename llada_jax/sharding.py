@@ -103,6 +103,13 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
+def batch_shards(batch_sh: NamedSharding) -> int:
+  """How many pieces the batch dimension is split into (a global batch must divide evenly)."""
+  axes = batch_sh.spec[0] if len(batch_sh.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(batch_sh.mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -213,6 +213,11 @@ def test_bad_data_and_config_leave_checkpoints_intact(corpus, tmp_path):
   with pytest.raises(ValueError, match="vocab"):
     train.run(cfg_vocab)
 
+  cfg_batch = train_fixtures.make_config(corpus, tmp_path / "run", "sft", total_steps=6)
+  cfg_batch.data.global_batch_size = 4  # 8 devices on the batch axis
+  with pytest.raises(ValueError, match=r"global_batch_size=4.*8 batch shards"):
+    train.run(cfg_batch)
+
   after = {p: p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
   assert before == after
 
