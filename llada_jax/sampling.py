@@ -398,11 +398,13 @@ def _check_prompts(prompts, prompt_lengths, model_cfg) -> None:
     raise ValueError(f"prompt_lengths: expected values in [0, {prompts.shape[1]}], got {lengths.tolist()}")
   tokens = np.asarray(prompts)
   real = np.arange(tokens.shape[1])[None, :] >= (tokens.shape[1] - lengths)[:, None]
-  bad = real & ((tokens < 0) | (tokens >= model_cfg.vocab_size) | (tokens == model_cfg.mask_token_id))
+  # Padding is embedded too (then masked out), so it must be a valid id: an out-of-range gather
+  # gives NaNs that reach every row through the masked attention's 0 * NaN.
+  bad = (tokens < 0) | (tokens >= model_cfg.vocab_size) | (real & (tokens == model_cfg.mask_token_id))
   if bad.any():
     row, col = map(int, np.argwhere(bad)[0])
     raise ValueError(f"prompts[{row}, {col}] = {int(tokens[row, col])}: expected a token id in "
-                     f"[0, {model_cfg.vocab_size}) other than the mask id {model_cfg.mask_token_id}")
+                     f"[0, {model_cfg.vocab_size}), and not the mask id {model_cfg.mask_token_id} in a prompt")
 
 
 def sample(params, model_cfg: model_lib.ModelConfig, prompts, prompt_lengths, key,

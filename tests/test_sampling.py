@@ -256,6 +256,8 @@ def test_bad_configs_and_prompts_are_named():
   cfg, params = tiny()
   with pytest.raises(ValueError, match="mask id"):
     sampling.sample(params, cfg, [[1, 2, cfg.mask_token_id]], [3], jax.random.key(0), SamplerConfig())
+  with pytest.raises(ValueError, match=r"prompts\[0, 0\] = -1"):
+    sampling.sample(params, cfg, [[-1, 2, 3]], [2], jax.random.key(0), SamplerConfig())
   with pytest.raises(ValueError, match="prompt_lengths"):
     sampling.sample(params, cfg, [[1, 2, 3]], [4], jax.random.key(0), SamplerConfig())
 
@@ -310,6 +312,14 @@ def test_cached_samplers_refreshed_every_step_equal_the_exact_one(cache, cfg_sca
   if cache == "dual" and not cfg_scale:
     every_2 = run(base.replace(cache=cache, refresh_every=2))
     assert (int(every_2.nfe), int(every_2.full_forwards)) == (8, 4)
+
+
+def test_prefix_and_dual_caches_agree_when_there_is_one_block():
+  # With no suffix after the block, both keep only the prompt's keys/values between refreshes.
+  base = SamplerConfig(gen_length=8, block_length=8, steps=8)
+  prefix, dual = run(base.replace(cache="prefix")), run(base.replace(cache="dual"))
+  np.testing.assert_array_equal(prefix.tokens, dual.tokens)
+  assert int(prefix.full_forwards) == int(dual.full_forwards) == 1
 
 
 @pytest.mark.parametrize("cache", ["none", "dual"])
