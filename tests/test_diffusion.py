@@ -10,25 +10,14 @@ import numpy as np
 import pytest
 
 from llada_jax import diffusion as D
-from llada_jax import model as M
-from tests.helpers import preset
+from tests.helpers import np_log_softmax, sharp_tiny_model
 
 MASK = 31
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = M.ModelConfig.from_dict(preset("tiny"))
-  params = M.init_params(cfg, jax.random.key(0))
-  # Larger weights make predictions depend strongly on context, so estimator errors show.
-  params = jax.tree_util.tree_map(lambda x: x * 3.0, params)
-  return cfg, params, jax.jit(M.logits_fn(cfg))
-
-
-def np_log_softmax(logits):
-  logits = np.asarray(logits, np.float64)
-  m = logits.max(-1, keepdims=True)
-  return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+  return sharp_tiny_model()
 
 
 # ----------------------------------------------------------------------------------------------

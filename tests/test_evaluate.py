@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax import evaluate, model as M
+from llada_jax import evaluate
 from llada_jax.data.errors import DataError
 from llada_jax.eval import generation as gen, likelihood as LK, tasks
-from tests.helpers import preset
-from tests.test_diffusion import enumerate_masks, np_log_softmax
+from tests.helpers import np_log_softmax, sharp_tiny_model
+from tests.test_diffusion import enumerate_masks
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MASK = 31
@@ -24,11 +24,7 @@ MASK = 31
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = M.ModelConfig.from_dict(preset("tiny"))
-  params = M.init_params(cfg, jax.random.key(0))
-  # Larger weights make predictions depend strongly on context, so estimator errors show.
-  params = jax.tree_util.tree_map(lambda x: x * 3.0, params)
-  return cfg, params, jax.jit(M.logits_fn(cfg))
+  return sharp_tiny_model()
 
 
 def level_elbos(fn, params, tokens, prompt_len):
