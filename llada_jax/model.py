@@ -8,6 +8,10 @@ segment ids for packed rows). Parameters and the main activations carry logical 
 Parameter names mirror the Hugging Face LLaDA checkpoint (`q_proj`, `attn_out`, `ff_proj`, ...) so
 conversion is a rename plus a transpose. Kernels are stored `[in, out]` with heads split out:
 `q_proj [embed, heads, head_dim]`, `attn_out [heads, head_dim, embed]`.
+
+The numerics are pure functions over arrays and parameter subtrees. The Flax modules (used for
+init and by `logits_fn`) declare the parameters and call them; the KV-cached forward passes for the
+samplers call the same functions on the parameter tree directly.
 """
 
 from __future__ import annotations
@@ -147,23 +151,10 @@ def _param(module: nn.Module, name: str, init: Callable, shape, axes, dtype, *ar
 def _constrain(x: Array, axes) -> Array:
   return nn.with_logical_constraint(x, axes)
 
-
 # --------------------------------------------------------------------------------------------
-# Building blocks.
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm in float32, cast back to the input dtype, then times the weight (no bias)."""
-
-  eps: float
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    weight = _param(self, "weight", nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return normed.astype(x.dtype) * weight.astype(x.dtype)
+# The numerics, as pure functions. The Flax modules below call them with the parameters they
+# declare; the cached forward passes call them with subtrees of the same parameter tree. Each
+# piece of math is written once so the two paths cannot drift apart.
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -207,6 +198,37 @@ def attention_mask(key_mask: Array | None, segment_ids: Array | None) -> Array |
   return mask
 
 
+def _rope(cfg: ModelConfig, tokens: Array, positions: Array | None, segment_ids: Array | None = None,
+          start=0) -> tuple[Array, Array]:
+  """RoPE tables at `positions`; by default positions restart per segment, or count from `start`."""
+  if positions is None:
+    positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                 else jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape))
+  return rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+
+
+def _rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """RMSNorm in float32, cast back to the input dtype, then times the weight (no bias)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _embed(cfg: ModelConfig, wte: Array, tokens: Array) -> Array:
+  return _constrain(jnp.take(wte, tokens, axis=0).astype(cfg.compute_dtype), ("batch", "length", "embed"))
+
+
+def _qkv(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array, rope) -> tuple[Array, Array, Array]:
+  """Queries, keys (both after RoPE) and values, from the `q_proj/k_proj/v_proj` kernels in `p`."""
+  cdt = cfg.compute_dtype
+  x = x_btd.astype(cdt)
+  axes = ("batch", "length", "heads", "head_dim")
+  q, k, v = (_constrain(jnp.einsum("btd,dhk->bthk", x, p[name].astype(cdt)), axes)
+             for name in ("q_proj", "k_proj", "v_proj"))
+  sin, cos = rope
+  return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+
+
 def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
   """Grouped-query attention with the softmax in float32."""
   b, t, h, d = q_bthd.shape
@@ -221,64 +243,84 @@ def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
   return out.reshape(b, t, h, d)
 
 
+def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, mask) -> Array:
+  """Attention of q over k/v (which may be longer: a span against a cache), then `attn_out`."""
+  scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
+  if cfg.attention_impl == "xla":
+    out = _xla_attention(q, k, v, mask, scale)
+  else:
+    if mask is not None:  # cuDNN wants the mask's query and key lengths spelled out
+      mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+  out = _constrain(out, ("batch", "length", "heads", "head_dim"))
+  return jnp.einsum("bthk,hkd->btd", out, p["attn_out"].astype(cfg.compute_dtype))
+
+
+def _swiglu(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array) -> Array:
+  """ff_out(silu(ff_proj(x)) * up_proj(x))."""
+  cdt = cfg.compute_dtype
+  x = x_btd.astype(cdt)
+  gate = jnp.einsum("btd,dm->btm", x, p["ff_proj"].astype(cdt))
+  up = jnp.einsum("btd,dm->btm", x, p["up_proj"].astype(cdt))
+  hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+  return jnp.einsum("btm,md->btd", hidden, p["ff_out"].astype(cdt))
+
+
+def _head(cfg: ModelConfig, x_btd: Array, w_head: Array) -> Array:
+  # float32 logits: the losses and the sampler's confidences need the precision.
+  logits = jnp.einsum("btd,dv->btv", x_btd, w_head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+  return _constrain(logits, ("batch", "length", "vocab"))
+
+
+# --------------------------------------------------------------------------------------------
+# Flax modules: they declare the parameters (names, shapes, init, axes) and call the functions above.
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    weight = _param(self, "weight", nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype)
+    return _rms_norm(x, weight, self.eps)
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_btd: Array, rope: tuple[Array, Array], mask: Array | None, layer_index) -> Array:
     cfg = self.config
-    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim
-    pdt, cdt = cfg.weight_dtype, cfg.compute_dtype
+    d, hd, pdt = cfg.d_model, cfg.resolved_head_dim, cfg.weight_dtype
     std = 1.0 / math.sqrt(d)
-    w_q = _param(self, "q_proj", _trunc_normal(std), (d, h, hd), ("embed", "heads", "head_dim"), pdt)
-    w_k = _param(self, "k_proj", _trunc_normal(std), (d, kv, hd), ("embed", "heads", "head_dim"), pdt)
-    w_v = _param(self, "v_proj", _trunc_normal(std), (d, kv, hd), ("embed", "heads", "head_dim"), pdt)
-    w_o = _param(self, "attn_out", _depth_scaled_trunc_normal(std), (h, hd, d), ("heads", "head_dim", "embed"),
-                 pdt, layer_index)
-
-    x = x_btd.astype(cdt)
-    qkv_axes = ("batch", "length", "heads", "head_dim")
-    q = _constrain(jnp.einsum("btd,dhk->bthk", x, w_q.astype(cdt)), qkv_axes)
-    k = _constrain(jnp.einsum("btd,dhk->bthk", x, w_k.astype(cdt)), qkv_axes)
-    v = _constrain(jnp.einsum("btd,dhk->bthk", x, w_v.astype(cdt)), qkv_axes)
-    sin, cos = rope
-    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-
-    scale = 1.0 / math.sqrt(hd)
-    if cfg.attention_impl == "xla":
-      out = _xla_attention(q, k, v, mask, scale)
-    else:
-      if mask is not None:  # cuDNN wants the mask's query and key lengths spelled out
-        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=mask, scale=scale,
-          implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
-    out = _constrain(out, qkv_axes)
-    return jnp.einsum("bthk,hkd->btd", out, w_o.astype(cdt))
+    p = {name: _param(self, name, _trunc_normal(std), (d, heads, hd), ("embed", "heads", "head_dim"), pdt)
+         for name, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.kv_heads), ("v_proj", cfg.kv_heads))}
+    p["attn_out"] = _param(self, "attn_out", _depth_scaled_trunc_normal(std), (cfg.n_heads, hd, d),
+                           ("heads", "head_dim", "embed"), pdt, layer_index)
+    return _attend(cfg, p, *_qkv(cfg, p, x_btd, rope), mask)
 
 
 class MLP(nn.Module):
-  """SwiGLU: ff_out(silu(ff_proj(x)) * up_proj(x))."""
-
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_btd: Array, layer_index) -> Array:
     cfg = self.config
-    d, m = cfg.d_model, cfg.mlp_hidden_size
-    pdt, cdt = cfg.weight_dtype, cfg.compute_dtype
-    w_gate = _param(self, "ff_proj", _trunc_normal(1 / math.sqrt(d)), (d, m), ("embed", "mlp"), pdt)
-    w_up = _param(self, "up_proj", _trunc_normal(1 / math.sqrt(d)), (d, m), ("embed", "mlp"), pdt)
-    w_down = _param(self, "ff_out", _depth_scaled_trunc_normal(1 / math.sqrt(m)), (m, d), ("mlp", "embed"),
-                    pdt, layer_index)
-    x = x_btd.astype(cdt)
-    gate = jnp.einsum("btd,dm->btm", x, w_gate.astype(cdt))
-    up = jnp.einsum("btd,dm->btm", x, w_up.astype(cdt))
-    hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return jnp.einsum("btm,md->btd", hidden, w_down.astype(cdt))
+    d, m, pdt = cfg.d_model, cfg.mlp_hidden_size, cfg.weight_dtype
+    p = {
+        "ff_proj": _param(self, "ff_proj", _trunc_normal(1 / math.sqrt(d)), (d, m), ("embed", "mlp"), pdt),
+        "up_proj": _param(self, "up_proj", _trunc_normal(1 / math.sqrt(d)), (d, m), ("embed", "mlp"), pdt),
+        "ff_out": _param(self, "ff_out", _depth_scaled_trunc_normal(1 / math.sqrt(m)), (m, d), ("mlp", "embed"),
+                         pdt, layer_index),
+    }
+    return _swiglu(cfg, p, x_btd)
 
 
 class Block(nn.Module):
+  """Pre-norm residual block (`_block` is the same composition over a parameter subtree)."""
+
   config: ModelConfig
 
   @nn.compact
@@ -318,17 +360,10 @@ class LLaDA(nn.Module):
   def __call__(self, tokens: Array, *, key_mask: Array | None = None, segment_ids: Array | None = None,
                positions: Array | None = None) -> Array:
     cfg = self.config
-    pdt, cdt = cfg.weight_dtype, cfg.compute_dtype
-    embedding = _param(self, "wte", _trunc_normal(1 / math.sqrt(cfg.d_model)), (cfg.vocab_size, cfg.d_model),
-                       ("vocab", "embed"), pdt)
-    x = _constrain(jnp.take(embedding, tokens, axis=0).astype(cdt), ("batch", "length", "embed"))
-
-    if positions is None:
-      if segment_ids is not None:
-        positions = positions_from_segments(segment_ids)
-      else:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    rope = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+    d, v, pdt = cfg.d_model, cfg.vocab_size, cfg.weight_dtype
+    std = 1 / math.sqrt(d)
+    x = _embed(cfg, _param(self, "wte", _trunc_normal(std), (v, d), ("vocab", "embed"), pdt), tokens)
+    rope = _rope(cfg, tokens, positions, segment_ids)
     mask = attention_mask(key_mask, segment_ids)
 
     if cfg.scan_layers:
@@ -347,11 +382,7 @@ class LLaDA(nn.Module):
         x = block_cls(cfg, name=f"blocks_{i}")(x, rope, mask, i)
 
     x = RMSNorm(cfg.norm_eps, pdt, name="ln_f")(x)
-    w_head = _param(self, "ff_out", _trunc_normal(1 / math.sqrt(cfg.d_model)), (cfg.d_model, cfg.vocab_size),
-                    ("embed", "vocab"), pdt)
-    # float32 logits: the losses and the sampler's confidences need the precision.
-    logits = jnp.einsum("btd,dv->btv", x, w_head.astype(cdt), preferred_element_type=jnp.float32)
-    return _constrain(logits, ("batch", "length", "vocab"))
+    return _head(cfg, x, _param(self, "ff_out", _trunc_normal(std), (d, v), ("embed", "vocab"), pdt))
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,9 +429,9 @@ def count_params(params) -> int:
 # --------------------------------------------------------------------------------------------
 # Forward passes with per-layer keys/values, for the KV-cached samplers (llada_jax.sampling).
 #
-# These read the same parameter tree as `LLaDA` (scanned or not) and repeat its numerics step by
-# step: the cache holds each layer's keys (after RoPE) and values for the whole sequence, and a
-# span of query positions can then be run against it with its own keys/values recomputed.
+# These walk the same parameter tree as `LLaDA` (scanned or not) with the same functions: the
+# cache holds each layer's keys (after RoPE) and values for the whole sequence, and a span of
+# query positions can then be run against it with its own keys/values recomputed.
 
 
 class KVCache(NamedTuple):
@@ -410,43 +441,15 @@ class KVCache(NamedTuple):
   v: Array
 
 
-def _rms_norm(x: Array, weight: Array, eps: float) -> Array:
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return normed.astype(x.dtype) * weight.astype(x.dtype)
+def _block(cfg: ModelConfig, p, x, rope, mask, kv: Callable | None = None):
+  """`Block` on its parameter subtree `p`; returns (x, this layer's own (k, v)).
 
-
-def _attend(cfg: ModelConfig, q, k, v, mask):
-  scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
-  if cfg.attention_impl == "xla":
-    return _xla_attention(q, k, v, mask, scale)
-  if mask is not None:  # as in Attention: cuDNN wants the query and key lengths spelled out
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=scale, implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
-
-
-def _qkv(cfg: ModelConfig, p, h, rope):
-  cdt = cfg.compute_dtype
-  axes = ("batch", "length", "heads", "head_dim")
-  q, k, v = (_constrain(jnp.einsum("btd,dhk->bthk", h, p[name].astype(cdt)), axes)
-             for name in ("q_proj", "k_proj", "v_proj"))
-  sin, cos = rope
-  return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
-
-
-def _block_rest(cfg: ModelConfig, p, x, q, k, v, mask):
-  """The rest of a Block after its keys/values are chosen: attention output, residuals, MLP."""
-  cdt = cfg.compute_dtype
-  out = _constrain(_attend(cfg, q, k, v, mask), ("batch", "length", "heads", "head_dim"))
-  x = x + jnp.einsum("bthk,hkd->btd", out, p["attn"]["attn_out"].astype(cdt))
-  h = _rms_norm(x, p["ff_norm"]["weight"], cfg.norm_eps).astype(cdt)
-  m = p["mlp"]
-  gate = jnp.einsum("btd,dm->btm", h, m["ff_proj"].astype(cdt))
-  up = jnp.einsum("btd,dm->btm", h, m["up_proj"].astype(cdt))
-  hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-  x = x + jnp.einsum("btm,md->btd", hidden, m["ff_out"].astype(cdt))
-  return _constrain(x, ("batch", "length", "embed"))
+  `kv(k, v)` chooses the keys/values attended to (a span splices its own into the cache's).
+  """
+  q, k, v = _qkv(cfg, p["attn"], _rms_norm(x, p["attn_norm"]["weight"], cfg.norm_eps), rope)
+  x = x + _attend(cfg, p["attn"], q, *(kv(k, v) if kv else (k, v)), mask)
+  x = x + _swiglu(cfg, p["mlp"], _rms_norm(x, p["ff_norm"]["weight"], cfg.norm_eps))
+  return _constrain(x, ("batch", "length", "embed")), (k, v)
 
 
 def _over_layers(cfg: ModelConfig, params, layer_fn, x, xs=None):
@@ -460,23 +463,11 @@ def _over_layers(cfg: ModelConfig, params, layer_fn, x, xs=None):
   return x, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
 
 
-def _embed(cfg: ModelConfig, params, tokens):
-  x = jnp.take(params["wte"], tokens, axis=0).astype(cfg.compute_dtype)
-  return _constrain(x, ("batch", "length", "embed"))
-
-
-def _head(cfg: ModelConfig, params, x, logits_range):
+def _final_logits(cfg: ModelConfig, params, x, logits_range):
   if logits_range is not None:
     start, length = logits_range
     x = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
-  x = _rms_norm(x, params["ln_f"]["weight"], cfg.norm_eps)
-  logits = jnp.einsum("btd,dv->btv", x, params["ff_out"].astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
-  return _constrain(logits, ("batch", "length", "vocab"))
-
-
-def _positions(tokens, positions):
-  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
+  return _head(cfg, _rms_norm(x, params["ln_f"]["weight"], cfg.norm_eps), params["ff_out"])
 
 
 def forward_with_cache(config: ModelConfig, params, tokens: Array, *, key_mask: Array | None = None,
@@ -487,17 +478,10 @@ def forward_with_cache(config: ModelConfig, params, tokens: Array, *, key_mask: 
   those positions: samplers need one block's logits, and the LM head is large.
   """
   cfg = config
-  rope = rope_tables(_positions(tokens, positions), cfg.resolved_head_dim, cfg.rope_theta)
-  mask = attention_mask(key_mask, None)
-
-  def layer(x, xs):
-    (p,) = xs
-    h = _rms_norm(x, p["attn_norm"]["weight"], cfg.norm_eps).astype(cfg.compute_dtype)
-    q, k, v = _qkv(cfg, p["attn"], h, rope)
-    return _block_rest(cfg, p, x, q, k, v, mask), (k, v)
-
-  x, (ks, vs) = _over_layers(cfg, params, layer, _embed(cfg, params, tokens))
-  return _head(cfg, params, x, logits_range), KVCache(ks, vs)
+  rope, mask = _rope(cfg, tokens, positions), attention_mask(key_mask, None)
+  x, (ks, vs) = _over_layers(cfg, params, lambda x, xs: _block(cfg, xs[0], x, rope, mask),
+                             _embed(cfg, params["wte"], tokens))
+  return _final_logits(cfg, params, x, logits_range), KVCache(ks, vs)
 
 
 def forward_span(config: ModelConfig, params, span_tokens: Array, cache: KVCache, span_start, *,
@@ -511,19 +495,18 @@ def forward_span(config: ModelConfig, params, span_tokens: Array, cache: KVCache
   on the span's positions. `num_logits` (static) keeps only the first positions of the span.
   """
   cfg = config
-  if span_positions is None:
-    span_positions = jnp.broadcast_to(span_start + jnp.arange(span_tokens.shape[1]), span_tokens.shape)
-  rope = rope_tables(span_positions, cfg.resolved_head_dim, cfg.rope_theta)
+  rope = _rope(cfg, span_tokens, span_positions, start=span_start)
   mask = attention_mask(key_mask, None)
 
   def layer(x, xs):
     p, k_cache, v_cache = xs
-    h = _rms_norm(x, p["attn_norm"]["weight"], cfg.norm_eps).astype(cfg.compute_dtype)
-    q, k, v = _qkv(cfg, p["attn"], h, rope)
-    at = (0, span_start, 0, 0)
-    k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-    v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-    return _block_rest(cfg, p, x, q, k, v, mask), None
 
-  x, _ = _over_layers(cfg, params, layer, _embed(cfg, params, span_tokens), (cache.k, cache.v))
-  return _head(cfg, params, x, None if num_logits is None else (0, num_logits))
+    def splice(k, v):
+      at = (0, span_start, 0, 0)
+      return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at),
+              jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at))
+
+    return _block(cfg, p, x, rope, mask, splice)[0], None
+
+  x, _ = _over_layers(cfg, params, layer, _embed(cfg, params["wte"], span_tokens), (cache.k, cache.v))
+  return _final_logits(cfg, params, x, None if num_logits is None else (0, num_logits))
