@@ -1,0 +1,163 @@
+"""Tests of the benchmark CLI (`llada_jax/bench.py`) on tiny models; the timings themselves are not checked."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from llada_jax import bench, sampling
+from llada_jax.data import demo_task, tokenizer as tokenizer_lib
+
+# Small enough that compilation dominates; two blocks, so cached variants have 2 full passes.
+SIZES = ["--prompt_length", "8", "--gen_length", "8", "--block_length", "4", "--steps", "8"]
+VARIANTS = ("exact", "prefix", "dual", "threshold", "dual+threshold")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap_compilation():
+  """Cheap backend codegen for the samplers: compilation dominates at these sizes.
+
+  Patched here rather than offered as a flag, so the CLI cannot time a deoptimised build.
+  """
+  if jax.default_backend() != "cpu":
+    yield
+    return
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sampling, "sample", functools.partial(
+        sampling.sample, compiler_options={"xla_backend_optimization_level": 0}))
+    yield
+
+
+def flags(*extra):
+  return ["--model", "tiny", *SIZES, "--batch_sizes", "1", "--repeats", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def sampling_results():
+  return bench.bench_sampling(bench.Context(bench.parse_args(flags())))
+
+
+def test_sampling_rows_and_forward_counts(sampling_results):
+  rows = {r.settings["variant"]: r for r in sampling_results}
+  assert tuple(rows) == VARIANTS
+  steps, num_blocks, gen_length = 8, 2, 8
+  for name, r in rows.items():
+    m = r.metrics
+    assert len(r.times_s) == 2 and len(r.warmup_s) == 1  # compilation is not among the timed calls
+    assert m["tokens_per_s"] > 0 and m["tokens_per_s"] == pytest.approx(1 * gen_length / r.median_s)
+    if name in ("exact", "prefix", "dual"):
+      assert m["nfe"] == steps
+    else:  # threshold decoding commits at least one token per step
+      assert 1 <= m["nfe"] <= gen_length
+    if rows[name].settings["cache"] == "none":
+      assert m["full_forwards"] == m["nfe"]
+    else:  # one full pass at each block start, the other steps on the cache
+      assert m["full_forwards"] == num_blocks
+  assert rows["exact"].metrics["speedup_vs_exact"] == 1.0
+  for r in rows.values():
+    assert r.metrics["speedup_vs_exact"] == pytest.approx(rows["exact"].median_s / r.median_s)
+    assert r.median_s == pytest.approx(float(np.median(r.times_s)))
+    assert "accuracy" not in r.metrics  # a random model has none
+
+
+def test_table_lists_every_variant(sampling_results):
+  table = bench.format_table("sampling", sampling_results)
+  assert all(v in table for v in VARIANTS) and "tokens/s" in table
+  assert "accuracy" not in table  # columns with no values are left out
+
+
+def test_cli_writes_json_with_command_and_rows(tmp_path, capsys):
+  out = tmp_path / "res" / "bench.json"
+  argv = ["--only", "sampling", *flags("--variants", "exact,dual", "--model.dtype=float32", "--output", str(out))]
+  assert bench.main(argv) == 0
+  assert "dual" in capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report["command"] == "python -m llada_jax.bench " + " ".join(argv)
+  assert report["argv"] == argv
+  assert report["model"]["source"] == "random:tiny" and report["model"]["config"]["d_model"] == 32
+  assert report["settings"]["repeats"] == 2 and report["environment"]["backend"]
+  assert [r["name"] for r in report["results"]] == ["exact@b1", "dual@b1"]
+  for r in report["results"]:
+    assert r["section"] == "sampling"
+    assert set(r["timing"]) >= {"median_s", "min_s", "max_s", "iqr_s", "times_s", "warmup_s"}
+    assert r["timing"]["min_s"] <= r["timing"]["median_s"] <= r["timing"]["max_s"]
+    assert set(r["metrics"]) >= {"tokens_per_s", "s_per_call", "nfe", "full_forwards", "speedup_vs_exact"}
+
+
+def test_model_flags():
+  args = bench.parse_args(["--model", "tiny", "--model.n_layers=1", "--model.dtype", "bfloat16",
+                           "--model_overrides", "d_model=64,rope_theta=1e4"])
+  cfg = bench.model_config_from_preset(args.model, args.model_overrides)
+  assert (cfg.n_layers, cfg.dtype, cfg.d_model, cfg.rope_theta) == (1, "bfloat16", 64, 1e4)
+  reference = bench.model_config_from_preset("reference", {})
+  assert (reference.d_model, reference.n_layers, reference.n_heads, reference.mlp_hidden_size,
+          reference.vocab_size) == (512, 8, 8, 1536, 8192)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "nope"], "--only=nope"),
+    (["--model", "tiny", "--variants", "exact,fast"], "--variants=exact,fast"),
+    (["--model", "tiny", "--model.d_model=33"], "model.n_heads"),
+    (["--model", "tiny", "--task_data", "x.jsonl"], "--task_data needs --checkpoint"),
+    (["--model", "tiny", "--checkpoint", "run"], "expected one of them"),
+])
+def test_bad_flags_fail_with_a_message(argv, message, capsys):
+  assert bench.main(argv) == 1
+  assert message in capsys.readouterr().err
+
+
+def test_malformed_override_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--model", "tiny", "--model_overrides", "d_model"])
+  assert exit_info.value.code == 2 and "'d_model' is not FIELD=VALUE" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  from llada_jax import train
+  from tests import train_fixtures
+
+  root = tmp_path_factory.mktemp("bench_run")
+  corpus = train_fixtures.write_corpus(root / "corpus")
+  config = train_fixtures.make_config(corpus, root / "run", "sft", total_steps=2)
+  config.checkpoint.every_steps = 2
+  train.run(config)
+  paths = demo_task.write_task(root / "task", train=2, validation=1, test=2, level="easy")
+  return root / "run", paths["test"], corpus["tokenizer"]
+
+
+def test_accuracy_columns_with_a_checkpoint(trained_run, tmp_path, capsys):
+  run_dir, test_file, tokenizer_path = trained_run
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  # The timed prompts are the task's, padded to the length the evaluation buckets them to, so
+  # both share one compilation per variant.
+  prompt_length = sampling.bucket_length(max(len(tokenizer.encode(ex["prompt"]))
+                                             for ex in demo_task.read_jsonl(test_file)))
+  out = tmp_path / "bench.json"
+  assert bench.main(["--checkpoint", str(run_dir), "--task_data", test_file, "--num_examples", "2",
+                     "--eval_batch_size", "2", "--batch_sizes", "2", "--variants", "exact,dual+threshold",
+                     "--prompt_length", str(prompt_length), "--gen_length", "8", "--block_length", "4",
+                     "--steps", "8", "--repeats", "1", "--output", str(out)]) == 0
+  assert "acc drop" in capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report["model"]["source"].startswith("checkpoint:")
+  rows = {r["settings"]["variant"]: r for r in report["results"]}
+  assert set(rows) == {"exact", "dual+threshold"}
+  for r in rows.values():
+    m = r["metrics"]
+    assert r["settings"]["prompt_source"] == "task"
+    assert 0 <= m["accuracy"] <= 1 and m["eval_n"] == 2 and m["tokens_per_s"] > 0
+    assert m["accuracy_drop_vs_exact"] == pytest.approx(rows["exact"]["metrics"]["accuracy"] - m["accuracy"])
+  assert rows["exact"]["metrics"]["accuracy_drop_vs_exact"] == 0
+
+
+def test_task_data_without_answers_is_refused(trained_run, tmp_path, capsys):
+  run_dir, _, _ = trained_run
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"prompt": "Mia has 2 apples.\n"}) + "\n")
+  assert bench.main(["--checkpoint", str(run_dir), "--task_data", str(bad)]) == 1
+  assert f"{bad}, example 1: expected a demo-task object" in capsys.readouterr().err
