@@ -27,7 +27,6 @@ import ast
 import dataclasses
 import datetime
 import functools
-import json
 import os
 import platform
 import shlex
@@ -38,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from llada_jax import config_lib
+from llada_jax import cli, config_lib
 from llada_jax import model as model_lib
 
 PROG = "python -m llada_jax.bench"
@@ -444,15 +443,7 @@ def environment() -> dict[str, Any]:
           "platform": platform.platform()}
 
 
-def write_json(path: str, report: Mapping[str, Any]) -> None:
-  # Written whole and renamed, so a failed run never leaves half a report.
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
+write_json = cli.write_json_atomic
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,15 +506,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from llada_jax.data.errors import DataError  # noqa: PLC0415
-
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args = parse_args(argv)
     report = run(args, argv)
-  except (DataError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except cli.USER_ERRORS as e:
+    return cli.fail(e)
   if args.output:
     write_json(args.output, report)
     print(f"wrote {args.output}")

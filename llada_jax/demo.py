@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import random
 import time
@@ -25,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from llada_jax import checkpoint as ckpt_lib
-from llada_jax import config_lib, plots, train
+from llada_jax import cli, config_lib, plots, train
 from llada_jax.data import demo_task
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.eval import generation
@@ -77,12 +76,6 @@ SMOKE = Recipe(n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_
                                 ("vocab_size", 320)),
                batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 8)), optimizer_overrides=(("warmup_steps", 0),), seq_len=160,
                gen_length=16, block_length=8, steps=8)
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.Path, files, tokenizer: str,
@@ -143,7 +136,7 @@ def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, ou
       bad = bad or [ex["response"].rsplit("####", 1)[0] + f"#### {ex['answer'] + 1}"]
     if good and bad:
       pairs.append({"prompt": ex["prompt"], "chosen": good[0], "rejected": bad[0]})
-  _atomic_write(out_path, "".join(json.dumps(p) + "\n" for p in pairs))
+  cli.write_text_atomic(out_path, "".join(json.dumps(p) + "\n" for p in pairs))
   return {"prompts": len(examples), "samples": len(repeated), "sample_accuracy": out["accuracy"],
           "prompts_with_a_correct_sample": solved, "pairs": len(pairs)}
 
@@ -159,7 +152,7 @@ def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib
   result = {"accuracy": out["accuracy"], "n": out["n"], "seconds": time.perf_counter() - t,
             "steps_valid": float(np.mean([demo_task.verify_steps(r["completion"]) for r in out["records"]])),
             "records": out["records"][:20]}
-  _atomic_write(out_path, json.dumps(result, indent=1))
+  cli.write_json_atomic(out_path, result)
   return result
 
 
@@ -255,7 +248,7 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
     rng = random.Random(1234)
     chosen = rng.sample(prompts, min(recipe.pref_prompts, len(prompts)))
     stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path)
-    _atomic_write(workdir / "preferences.stats.json", json.dumps(stats, indent=1))
+    cli.write_json_atomic(workdir / "preferences.stats.json", stats)
   timings["preferences"] = time.perf_counter() - t
 
   results = {"sft": [evaluate_run(workdir / "sft", tokenizer, test, recipe, workdir / "sft" / "test_eval.json")]}
@@ -271,7 +264,7 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
   table_path = workdir / "variance_table.json"
   if not table_path.exists():
     table = variance_table(workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2))
-    _atomic_write(table_path, json.dumps(table, indent=1))
+    cli.write_json_atomic(table_path, table)
   table = json.loads(table_path.read_text())
   plots.variance_table(table, workdir / "variance_table.png")
   runs = {name: workdir / name / "metrics.jsonl" for name in
@@ -288,7 +281,7 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
       "variance_table": [{k: v for k, v in r.items()} for r in table],
       "seconds": timings,
   }
-  _atomic_write(workdir / "results.json", json.dumps(summary, indent=1))
+  cli.write_json_atomic(workdir / "results.json", summary)
   return summary
 
 

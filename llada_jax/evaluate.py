@@ -12,7 +12,6 @@ JSON. Data formats are listed in `llada_jax.eval.tasks`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,9 +19,8 @@ from typing import Any, Sequence
 
 import jax
 
-from llada_jax import checkpoint as ckpt_lib
+from llada_jax import cli, checkpoint as ckpt_lib
 from llada_jax.data import tokenizer as tok_lib
-from llada_jax.data.errors import DataError
 # The public evaluation API, importable from here as well as from llada_jax.eval.
 from llada_jax.eval import (TASKS, evaluate_generation, extract_gsm8k_answer, gsm8k_verify,
                             guided_logits_fn, load_task, run_generation, run_multiple_choice, run_perplexity,
@@ -145,24 +143,15 @@ def format_table(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_json(path: str, result: dict[str, Any]) -> None:
-  # Written whole to a temporary file and renamed, so a failure never leaves half a results file.
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
+write_json = cli.write_json_atomic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     result = evaluate(args)
-  except (DataError, ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except cli.USER_ERRORS as e:
+    return cli.fail(e)
   print(format_table(result))
   if args.output:
     write_json(args.output, result)

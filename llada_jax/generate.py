@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Sequence
@@ -22,7 +21,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from llada_jax import checkpoint, sampling
+from llada_jax import cli, checkpoint, sampling
+from llada_jax.eval.generation import completion_ids
 from llada_jax.data import sources
 from llada_jax.data import tokenizer as tokenizer_lib
 from llada_jax.data.errors import DataError
@@ -30,17 +30,6 @@ from llada_jax.data.errors import DataError
 def read_prompts(path: str) -> list[str]:
   """The `prompt` field of every line of a JSONL file, checked (errors name file, line and field)."""
   return [sources.get_string(obj, "prompt", path=path, line=line) for line, obj in sources.iter_jsonl(path)]
-
-
-def completion_ids(tokens: Sequence[int], eos_id: int, eot_id: int | None) -> list[int]:
-  """Generated ids up to (not including) the first EOS, without end-of-turn markers."""
-  out = []
-  for t in (int(t) for t in tokens):
-    if t == eos_id:
-      break
-    if t != eot_id:
-      out.append(t)
-  return out
 
 
 def _check_tokenizer(tok, model_cfg) -> None:
@@ -115,7 +104,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     tokens = np.asarray(out.tokens)[:n]
     nfe += int(out.nfe)
     for i in range(n):
-      ids = completion_ids(tokens[i], tok.eos_id, tok.eot_id)
+      ids = completion_ids(tok, tokens[i])
       results.append({"prompt": texts[first + i], "completion": tok.decode(ids)})
   seconds = time.perf_counter() - start
   generated = len(prompt_ids) * config.gen_length
@@ -128,17 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     results = run(args)
-  except (DataError, ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except cli.USER_ERRORS as e:
+    return cli.fail(e)
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
   if args.output:
-    directory = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(directory, exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(lines)
-    os.replace(tmp, args.output)  # a failed run never leaves a half-written output
+    cli.write_text_atomic(args.output, lines)
   else:
     sys.stdout.write(lines)
   return 0

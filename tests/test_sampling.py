@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -403,6 +404,8 @@ def test_generate_cli_prompt_to_stdout_and_bad_input(trained, tmp_path, capsys):
   assert "line 1" in capsys.readouterr().err
 
 
-def test_completion_ids_stop_at_eos_and_drop_end_of_turn():
-  assert generate_cli.completion_ids([5, 6, 9, 7, 2, 8, 2], eos_id=2, eot_id=9) == [5, 6, 7]
-  assert generate_cli.completion_ids([5, 6], eos_id=2, eot_id=None) == [5, 6]
+def test_completion_ids_stop_at_eos_or_end_of_turn():
+  tok = types.SimpleNamespace(eos_id=2, eot_id=9)
+  assert generate_cli.completion_ids(tok, [5, 6, 9, 7, 2, 8, 2]) == [5, 6]
+  assert generate_cli.completion_ids(tok, [5, 7, 2, 9]) == [5, 7]
+  assert generate_cli.completion_ids(tok, [5, 6]) == [5, 6]
