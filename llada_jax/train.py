@@ -164,6 +164,7 @@ def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: in
         progress.update(1)
 
       if done % config.logging.every_steps == 0 or done == end:
+        jax.block_until_ready(step_metrics)  # steps run asynchronously: time them when finished
         now = time.perf_counter()
         rows = _flush_metrics(pending, writer, steps=done - step_last, seconds=now - t_last, flops=flops,
                               tokens=tokens_per_step, peak=peak)
