@@ -49,6 +49,8 @@ import re
 import sys
 from typing import Any, Iterable, Sequence
 
+from llada_jax import cli
+
 SPLITS = ("train", "validation", "test")
 # Share of the prompt-hash space (out of 100) that belongs to each split.
 _SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
@@ -397,8 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        test=args.test, pretrain=args.pretrain, seed=args.seed,
                        level=difficulty)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.fail(e)
   print(f"wrote {', '.join(paths.values())} ({difficulty}, seed={args.seed})")
   return 0
 

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from llada_jax import cli
 from llada_jax.data.errors import DataError
 
 MASK_TOKEN = "<|mdm_mask|>"
@@ -387,8 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         character_coverage=args.character_coverage, max_sentences=args.max_sentences,
         num_threads=args.num_threads, verbose=args.verbose)
   except (DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.fail(e)
   print(f"wrote {tok.model_path} (vocab_size={tok.vocab_size}, special ids={tok.special_ids})")
   return 0
 
