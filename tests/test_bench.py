@@ -118,16 +118,12 @@ def test_malformed_override_is_a_usage_error(capsys):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  from llada_jax import train
   from tests import train_fixtures
 
   root = tmp_path_factory.mktemp("bench_run")
-  corpus = train_fixtures.write_corpus(root / "corpus")
-  config = train_fixtures.make_config(corpus, root / "run", "sft", total_steps=2)
-  config.checkpoint.every_steps = 2
-  train.run(config)
+  run, corpus = train_fixtures.train_tiny_sft_run(root)
   paths = demo_task.write_task(root / "task", train=2, validation=1, test=2, level="easy")
-  return root / "run", paths["test"], corpus["tokenizer"]
+  return run, paths["test"], corpus["tokenizer"]
 
 
 def test_accuracy_columns_with_a_checkpoint(trained_run, tmp_path, capsys):

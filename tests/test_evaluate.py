@@ -330,15 +330,9 @@ def test_demo_task_benchmark_with_a_stub_sampler(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  from llada_jax import train
   from tests import train_fixtures
 
-  root = tmp_path_factory.mktemp("eval_run")
-  corpus = train_fixtures.write_corpus(root / "corpus")
-  config = train_fixtures.make_config(corpus, root / "run", "sft", total_steps=2)
-  config.checkpoint.every_steps = 2
-  train.run(config)
-  return root / "run"
+  return train_fixtures.train_tiny_sft_run(tmp_path_factory.mktemp("eval_run"))[0]
 
 
 def test_cli_end_to_end(run_dir, tmp_path, capsys):

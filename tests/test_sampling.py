@@ -359,14 +359,9 @@ def test_threshold_decoding_commits_at_least_one_token_until_a_row_is_done():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  from llada_jax import train  # noqa: PLC0415 - only these tests need the training stack
-
   root = tmp_path_factory.mktemp("generate")
-  corpus = train_fixtures.write_corpus(root / "corpus")
-  config = train_fixtures.make_config(corpus, root / "run", "sft", total_steps=2)
-  config.checkpoint.every_steps = 2
-  train.run(config)
-  return {"workdir": str(root / "run"), "tokenizer": corpus["tokenizer"], "root": root}
+  run, corpus = train_fixtures.train_tiny_sft_run(root)
+  return {"workdir": str(run), "tokenizer": corpus["tokenizer"], "root": root}
 
 
 def test_generate_cli_end_to_end(trained):

@@ -64,3 +64,14 @@ def make_config(corpus: dict, workdir, objective="pretrain", **overrides):
       target = target[p]
     target[leaf] = value
   return c
+
+
+def train_tiny_sft_run(root: pathlib.Path):
+  """A 2-step SFT run under root/run (with its corpus and tokenizer): a checkpoint for CLI tests."""
+  from llada_jax import train  # noqa: PLC0415 - only tests that need a checkpoint pay for it
+
+  corpus = write_corpus(root / "corpus")
+  config = make_config(corpus, root / "run", "sft", total_steps=2)
+  config.checkpoint.every_steps = 2
+  train.run(config)
+  return root / "run", corpus
