@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
+    "safetensors>=0.4",
+    "tokenizers>=0.15.1",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,8 +1,9 @@
-"""Tokenizers: a small interface, a sentencepiece backend, training and a CLI.
+"""Tokenizers: a small interface, sentencepiece and Hugging Face backends, training and a CLI.
 
 The interface carries the LLaDA special tokens (mask, EOS = pad, BOS, chat markers) and builds
 the chat template from ids, so header and end-of-turn markers are always single special tokens
-and user text can never produce a special id.
+and user text can never produce a special id. Backends: sentencepiece models trained here
+(`.model`) and Hugging Face `tokenizer.json` files, such as the one shipped with LLaDA-8B.
 
 Train a tokenizer:
 
@@ -43,6 +44,8 @@ SENTENCEPIECE_SPECIAL_IDS = {
 }
 
 CHAT_ROLES = ("system", "user", "assistant")
+
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer(abc.ABC):
@@ -237,16 +240,108 @@ class SentencePieceTokenizer(Tokenizer):
     return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """The tokenizer stored at `path`: a sentencepiece `.model` file.
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library), e.g. the LLaDA-8B tokenizer.
 
-  Hugging Face `tokenizer.json` files (LLaDA checkpoints) are recognised but not supported yet.
+  Special ids are looked up by token text (`<|mdm_mask|>`, `<|endoftext|>`, ...), so a LLaDA
+  tokenizer gives mask 126336, EOS 126081 and BOS 126080 and a small test tokenizer whatever ids
+  it assigned. Each must be an added token marked special: the encoder is told not to match
+  special tokens in text, so user text can never produce one.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    from tokenizers import Tokenizer as _Tokenizer  # noqa: PLC0415 - only this backend needs it
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, HF_TOKENIZER_FILE)
+    self.path = path
+    if not os.path.isfile(path):
+      raise DataError(f"tokenizer file not found; expected a Hugging Face {HF_TOKENIZER_FILE}", path=path)
+    try:
+      self._tok = _Tokenizer.from_file(path)
+    except Exception as e:  # the Rust library raises plain Exceptions for malformed files
+      raise DataError(f"not a Hugging Face tokenizer.json ({e})", path=path) from e
+    # Special tokens in user text are then split into ordinary pieces instead of matched.
+    self._tok.encode_special_tokens = True
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+    added = self._tok.get_added_tokens_decoder()
+    self._special = frozenset(i for i, token in added.items() if token.special)
+    self._ids = {}
+    for token in (MASK_TOKEN, EOS_TOKEN, BOS_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN):
+      token_id = self._tok.token_to_id(token)
+      if token_id is None:
+        raise DataError(f"special token {token!r} is not in the vocabulary; expected a LLaDA tokenizer "
+                        f"with {MASK_TOKEN}, {EOS_TOKEN}, {BOS_TOKEN} and the chat markers "
+                        f"{START_HEADER_TOKEN}, {END_HEADER_TOKEN}, {EOT_TOKEN}", path=path)
+      if token_id not in self._special:
+        raise DataError(f"token {token!r} (id {token_id}) is not an added token marked special; expected "
+                        "it in added_tokens with \"special\": true, so that text cannot produce it", path=path)
+      self._ids[token] = token_id
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+      return []
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+    ids = [int(i) for i in ids]
+    for i in ids:
+      # The library silently drops unknown ids; a gap in the vocabulary is an error here.
+      if not 0 <= i < self._vocab_size or self._tok.id_to_token(i) is None:
+        raise ValueError(f"token id {i} is not in the vocabulary of {self.path} (size {self._vocab_size})")
+    return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  @property
+  def mask_id(self) -> int:
+    return self._ids[MASK_TOKEN]
+
+  @property
+  def eos_id(self) -> int:
+    return self._ids[EOS_TOKEN]
+
+  @property
+  def bos_id(self) -> int:
+    return self._ids[BOS_TOKEN]
+
+  @property
+  def eot_id(self) -> int:
+    return self._ids[EOT_TOKEN]
+
+  @property
+  def start_header_id(self) -> int:
+    return self._ids[START_HEADER_TOKEN]
+
+  @property
+  def end_header_id(self) -> int:
+    return self._ids[END_HEADER_TOKEN]
+
+  def __repr__(self):
+    return f"HuggingFaceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """The tokenizer stored at `path`.
+
+  A sentencepiece `.model` file, a Hugging Face `tokenizer.json`, or a directory holding a
+  `tokenizer.json` (a Hugging Face checkpoint, or a run directory made by `llada_jax.convert`).
   """
   path = os.fspath(path)
-  if path.endswith(".json") or os.path.isdir(path):
-    raise NotImplementedError(
-        f"{path}: Hugging Face tokenizer.json is not supported yet; expected a sentencepiece "
-        ".model file")
+  if os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, HF_TOKENIZER_FILE)):
+      raise DataError(f"directory has no {HF_TOKENIZER_FILE}; expected a Hugging Face tokenizer directory, "
+                      "a tokenizer.json file or a sentencepiece .model file", path=path)
+    return HuggingFaceTokenizer(path)
+  if path.endswith(".json"):
+    return HuggingFaceTokenizer(path)
   return SentencePieceTokenizer(path)
 
 
