@@ -6,7 +6,7 @@ stage alone with `--config.workdir=... --config.data.train_files=... --config.da
 
 from llada_jax import config_lib
 
-SEQ_LEN = 80  # task prompt <= 40 tokens + worked solution and EOS <= 40 tokens
+SEQ_LEN = 64  # the easy level: prompt <= 29 tokens + worked solution <= 24 tokens, then EOS
 
 
 def base(objective: str, total_steps: int):

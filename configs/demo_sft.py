@@ -8,7 +8,7 @@ common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_co
 
 
 def get_config():
-  c = common.base("sft", total_steps=250)
+  c = common.base("sft", total_steps=600)
   c.data.global_batch_size = 32
   c.optimizer.schedule = "sft"
   c.optimizer.lr = 5e-4

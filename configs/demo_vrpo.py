@@ -13,17 +13,17 @@ common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_co
 def get_config(variant: str = "vrpo"):
   if variant not in ("vrpo", "naive_dpo"):
     raise ValueError(f"configs/demo_vrpo.py: variant {variant!r}; expected 'vrpo' or 'naive_dpo'")
-  c = common.base(variant, total_steps=60)
+  c = common.base(variant, total_steps=32)
   c.data.global_batch_size = 16
   c.optimizer = config_lib.optim.default_optimizer_config("vrpo")
   c.optimizer.total_steps = c.get_ref("total_steps")
-  c.optimizer.lr = 5e-5
+  c.optimizer.lr = 1e-4
   c.optimizer.warmup_steps = 6
   c.vrpo.beta = 0.2
-  c.vrpo.n_timesteps = 8
+  c.vrpo.n_timesteps = 4
   c.vrpo.masks_per_timestep = 1
   c.vrpo.antithetic = True
   c.vrpo.sft_weight = 0.05
-  c.checkpoint.every_steps = 20
+  c.checkpoint.every_steps = 16
   c.logging.every_steps = 5
   return c

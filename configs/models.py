@@ -1,7 +1,7 @@
 """Model presets: `--config=configs/models.py:NAME`, or `get_config(NAME)` from a recipe config.
 
 tiny      tests (a few thousand parameters, runs in milliseconds)
-demo      the CPU demo recipe (16.9M parameters)
+demo      the CPU demo recipe (5.6M parameters with the demo's 1024-piece vocabulary)
 llada_1b  a 1.34B model with the LLaDA vocabulary (0.82B without embeddings)
 llada_8b  exactly LLaDA-8B (8,015,581,184 parameters)
 """
@@ -18,7 +18,7 @@ PRESETS = {
     "tiny": dict(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64,
                  rope_theta=10000.0, mask_token_id=31, eos_token_id=1, bos_token_id=2),
     # Special ids of the project's sentencepiece tokenizers (llada_jax.data.tokenizer).
-    "demo": dict(vocab_size=2048, d_model=384, n_layers=8, n_heads=6, mlp_hidden_size=1152,
+    "demo": dict(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, mlp_hidden_size=768,
                  rope_theta=10000.0, mask_token_id=3, eos_token_id=2, bos_token_id=1),
     "llada_1b": dict(vocab_size=126464, d_model=2048, n_layers=16, n_heads=16, mlp_hidden_size=5632,
                      rope_theta=500000.0, **_LLADA_SPECIAL_IDS),
