@@ -13,7 +13,7 @@ common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_co
 def get_config(variant: str = "vrpo"):
   if variant not in ("vrpo", "naive_dpo"):
     raise ValueError(f"configs/demo_vrpo.py: variant {variant!r}; expected 'vrpo' or 'naive_dpo'")
-  c = common.base(variant, total_steps=32)
+  c = common.base(variant, total_steps=16)
   c.data.global_batch_size = 16
   c.optimizer = config_lib.optim.default_optimizer_config("vrpo")
   c.optimizer.total_steps = c.get_ref("total_steps")
@@ -24,6 +24,6 @@ def get_config(variant: str = "vrpo"):
   c.vrpo.masks_per_timestep = 1
   c.vrpo.antithetic = True
   c.vrpo.sft_weight = 0.05
-  c.checkpoint.every_steps = 16
-  c.logging.every_steps = 5
+  c.checkpoint.every_steps = 8
+  c.logging.every_steps = 2
   return c

@@ -40,21 +40,21 @@ class Recipe:
   level: str = "easy"
   n_train: int = 20000
   n_validation: int = 200
-  n_test: int = 200
+  n_test: int = 1000
   vocab_size: int = 1024
   pretrain_steps: int | None = None  # None: the config file's value
   sft_steps: int | None = None
   vrpo_steps: int | None = None
-  pref_prompts: int = 384  # training prompts the SFT model answers to build preference pairs
-  samples_per_prompt: int = 6
-  pairs_per_prompt: int = 2  # distinct (correct, incorrect) pairs taken from one prompt's samples
+  pref_prompts: int = 768  # training prompts the SFT model answers to build preference pairs
+  samples_per_prompt: int = 8
+  pairs_per_prompt: int = 3  # distinct (correct, incorrect) pairs taken from one prompt's samples
   pair_temperature: float = 0.8
   # When a prompt has no right (or no usable wrong) sample, stand in the worked solution (or it with
   # a wrong final answer): only for the smoke run, whose barely trained model is never right.
   gold_fallback: bool = False
   seeds: tuple = (0, 1, 2)
   eval_batch: int = 50
-  table2: tuple = (("n_pairs", 16), ("batch_size", 8), ("n_repeats", 8))
+  table2: tuple = (("n_pairs", 8), ("batch_size", 8), ("n_repeats", 16))
   model_overrides: tuple = ()  # (field, value) pairs applied to every stage's model
   batch_overrides: tuple = ()  # (stage, global_batch_size)
   optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
@@ -116,7 +116,7 @@ def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, ou
   """Samples answers from the model, verifies them, and pairs a correct with an incorrect one.
 
   A prompt contributes up to `recipe.pairs_per_prompt` pairs, its i-th distinct correct sample (right
-  answers with true working first) with its i-th distinct wrong answer, so prompts the model always or never solves give none.
+  answer, true working) with its i-th distinct wrong answer, so prompts the model always or never solves give none.
   """
   model_cfg, params, _ = ckpt_lib.load_model(run_dir)
   k = recipe.samples_per_prompt
@@ -127,10 +127,11 @@ def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, ou
   pairs, solved = [], 0
   for i, ex in enumerate(examples):
     records = out["records"][i * k:(i + 1) * k]
-    # Chosen: a right answer, those reached by a chain of true equations first (a right answer after
-    # wrong working, "7 - 5 = 3. #### 3", also teaches wrong arithmetic).
-    good = sorted(dict.fromkeys(r["completion"] for r in records if r["correct"]),
-                  key=lambda c: not demo_task.verify_steps(c))
+    # Chosen: the right answer reached by a chain of true equations. Most of the SFT model's right
+    # answers come after wrong working ("7 - 5 = 3. #### 3"); preferring those teaches wrong
+    # arithmetic, and VRPO on such pairs lowered test accuracy (README, the demo's results).
+    good = list(dict.fromkeys(r["completion"] for r in records
+                              if r["correct"] and demo_task.verify_steps(r["completion"])))
     # An empty answer is wrong, but the data pipeline refuses empty fields.
     bad = list(dict.fromkeys(r["completion"] for r in records if not r["correct"] and r["completion"].strip()))
     solved += bool(good)
