@@ -1,23 +1,33 @@
 """Benchmarks: wall time and derived rates of the framework's hot paths, as a table and JSON.
 
-  python -m llada_jax.bench [--only sampling] [--model PRESET | --checkpoint RUN_DIR] \\
-      [--model.FIELD=VALUE ...] [--model_overrides FIELD=VALUE,...] [--repeats 5] [--warmup 1] \\
-      [--output bench.json]
+  python -m llada_jax.bench [--only ceiling,train_step,elbo,sampling] [--size demo,ref35m] \\
+      [--dtype float32,bfloat16] [--model PRESET | --checkpoint RUN_DIR] [--model.FIELD=VALUE ...] \\
+      [--repeats 5] [--warmup 1] [--output bench.json]
 
-Sections (`--only a,b`; default: all) each time their own calls:
+Sections (`--only a,b`, run in that order; default: all, ceiling first) each time their own calls:
 
-  sampling   every sampler variant (exact, prefix, dual, threshold, dual+threshold) at the given
-             sizes: generated tokens/s, seconds per call, forward passes, speed-up vs exact; with a
-             checkpoint and `--task_data`, also each variant's accuracy on the demo task.
+  ceiling     a large jitted matmul per compute dtype (float32 accumulation) and memory bandwidth:
+              what MFU is measured against, in the same process.
+  train_step  the training step exactly as llada_jax.train builds it (sharded on the default
+              devices, state donated) for pretrain, SFT and VRPO at each n, the VRPO reference online
+              or precomputed: tokens/s, achieved FLOP/s (llada_jax.metrics' analytic count), MFU
+              against the measured ceiling of the same dtype, peak memory of the compiled step.
+  elbo        likelihood scoring (llada_jax.eval.likelihood): sequences/s at each mc_num.
+  sampling    every sampler variant (exact, prefix, dual, threshold, dual+threshold) at the given
+              sizes: generated tokens/s, seconds per call, forward passes, speed-up vs exact; with a
+              checkpoint and `--task_data`, also each variant's accuracy on the demo task.
 
-The model is a trained run (`--checkpoint`) or a preset of configs/models.py with random weights
-(`--model`, default `reference`: the size of the reference PyTorch figures, d_model 512, 8 layers,
-8 heads, MLP 1536, vocab 8192), so speed can be measured without training. Every timed call blocks
-on its output; the first `--warmup` calls (compilation) are timed apart and excluded.
+train_step and elbo run at the named `--size`s (a model preset and the sequence length and batch
+it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
+configs/models.py with random weights (`--model`, default `reference` = `ref35m`: the size of the
+reference PyTorch figures, d_model 512, 8 layers, 8 heads, MLP 1536, vocab 8192). `--model.FIELD`
+overrides apply to every model. Every timed call blocks on its output; the first `--warmup` calls
+(compilation) are timed apart and excluded.
 
 The JSON report: {"command", "argv", "created", "environment" (jax, backend, device_kind, ...),
-"model" (source, num_params, config), "settings" (every flag), "results": [{"section", "name",
-"settings", "timing" (median_s, min_s, max_s, iqr_s, times_s, warmup_s), "metrics"}]}.
+"model" (source, num_params, config; sampling's), "ceilings" (matmul FLOP/s per dtype), "settings"
+(every flag), "results": [{"section", "name", "settings", "timing" (median_s, min_s, max_s, iqr_s,
+times_s, warmup_s), "metrics"}]}.
 """
 
 from __future__ import annotations
@@ -35,17 +45,20 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from llada_jax import cli, config_lib
+from llada_jax import metrics as metrics_lib
 from llada_jax import model as model_lib
+from llada_jax import optim
 
 PROG = "python -m llada_jax.bench"
 
 # Not a preset of configs/models.py: the size at which the reference generate.py was timed.
-MODEL_ALIASES = {
-    "reference": ("demo", dict(d_model=512, n_layers=8, n_heads=8, mlp_hidden_size=1536, vocab_size=8192)),
-}
+_REFERENCE_SIZE = ("demo", dict(d_model=512, n_layers=8, n_heads=8, mlp_hidden_size=1536, vocab_size=8192))
+MODEL_ALIASES = {"reference": _REFERENCE_SIZE, "ref35m": _REFERENCE_SIZE}
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,14 +202,17 @@ class Context:
   def model(self) -> BenchModel:
     return load_bench_model(self.args)
 
+  @functools.cached_property
+  def ceilings(self) -> "Ceilings":
+    return Ceilings(self)
+
   def loaded_model(self) -> BenchModel | None:
     """The model if a section asked for one (cached_property keeps it in the instance dict)."""
     return self.__dict__.get("model")
 
 
 # --------------------------------------------------------------------------------------------
-# Sections. Each is a function Context -> [Result], its flags and its table columns; new ones
-# (matmul, train_step, elbo) register beside `sampling`.
+# Sections. Each is a function Context -> [Result], its flags and its table columns.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,15 +227,16 @@ class Section:
   run: Callable[[Context], list[Result]]
   add_arguments: Callable[[argparse.ArgumentParser], None]
   columns: tuple[Column, ...]
+  check: Callable[[argparse.Namespace], None]  # raises ValueError on bad flags, before anything runs
 
 
 SECTIONS: dict[str, Section] = {}
 
 
 def register(name: str, *, add_arguments: Callable[[argparse.ArgumentParser], None],
-             columns: Sequence[Column]):
+             columns: Sequence[Column], check: Callable[[argparse.Namespace], None] = lambda args: None):
   def wrap(fn):
-    SECTIONS[name] = Section(fn, add_arguments, tuple(columns))
+    SECTIONS[name] = Section(fn, add_arguments, tuple(columns), check)
     return fn
   return wrap
 
@@ -333,7 +350,32 @@ def _accuracy(ctx: Context, sampler_config, tokenizer, examples) -> dict[str, An
           "eval_s": time.perf_counter() - start}
 
 
-@register("sampling", add_arguments=_sampling_arguments, columns=(
+def _sampler_configs(args) -> dict[str, Any]:
+  """The SamplerConfig of each chosen variant; bad flags fail here."""
+  from llada_jax import sampling  # noqa: PLC0415
+
+  variants = sampler_variants(args.threshold)
+  unknown = [v for v in args.variants if v not in variants]
+  if unknown or not args.variants:
+    raise ValueError(f"--variants={','.join(args.variants)}: expected a subset of {','.join(variants)}")
+  if not args.batch_sizes or min(args.batch_sizes) < 1:
+    raise ValueError(f"--batch_sizes={args.batch_sizes}: expected positive integers")
+  if args.eval_batch_size < 1 or args.num_examples < 1:
+    raise ValueError("--eval_batch_size and --num_examples: expected positive integers")
+  if args.task_data and not args.checkpoint:
+    raise ValueError("--task_data needs --checkpoint: a randomly initialised model has no accuracy to report")
+  return {name: sampling.SamplerConfig(
+      gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+      temperature=args.temperature, **variants[name]) for name in args.variants}  # bad sizes fail here
+
+
+def _check_sampling(args) -> None:
+  _sampler_configs(args)
+  if not args.checkpoint:
+    model_config_from_preset(args.model or "reference", args.model_overrides)
+
+
+@register("sampling", add_arguments=_sampling_arguments, check=_check_sampling, columns=(
     Column("variant", "variant", "{}"),
     Column("batch", "batch_size", "{}"),
     Column("tokens/s", "tokens_per_s", "{:.1f}"),
@@ -348,21 +390,8 @@ def _accuracy(ctx: Context, sampler_config, tokenizer, examples) -> dict[str, An
 ))
 def bench_sampling(ctx: Context) -> list[Result]:
   """Each sampler variant at each batch size; rows ordered by batch size, then variant."""
-  from llada_jax import sampling  # noqa: PLC0415
-
   args = ctx.args
-  variants = sampler_variants(args.threshold)
-  unknown = [v for v in args.variants if v not in variants]
-  if unknown or not args.variants:
-    raise ValueError(f"--variants={','.join(args.variants)}: expected a subset of {','.join(variants)}")
-  if not args.batch_sizes or min(args.batch_sizes) < 1:
-    raise ValueError(f"--batch_sizes={args.batch_sizes}: expected positive integers")
-  if args.eval_batch_size < 1 or args.num_examples < 1:
-    raise ValueError("--eval_batch_size and --num_examples: expected positive integers")
-  configs = {name: sampling.SamplerConfig(
-      gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-      temperature=args.temperature, **variants[name]) for name in args.variants}  # bad sizes fail here
-
+  configs = _sampler_configs(args)
   tokenizer, examples = _load_task(ctx)
   accuracy = {}
   if examples:
@@ -416,6 +445,438 @@ def _compare_with_exact(result: Result, exact: Result | None, accuracy: dict | N
     result.metrics["accuracy_drop_vs_exact"] = drop
 
 
+# ---- shared by ceiling, train_step and elbo ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """A model (preset or alias) and the training shape it is timed at."""
+
+  model: str
+  seq_len: int
+  batch_size: int  # rows (pretrain, SFT), pairs (VRPO), sequences scored (elbo)
+
+
+SIZES = {
+    "tiny": Size("tiny", 16, 8),  # tests
+    "demo": Size("demo", 80, 32),  # the demo recipe's model and sequence length
+    "ref35m": Size("reference", 256, 8),  # 35.7M parameters: the reference PyTorch training figures' size
+}
+DTYPES = ("float32", "bfloat16")
+
+# Compiler options of the timed train steps and ELBO scorers; the tests lower them for speed.
+COMPILER_OPTIONS: dict[str, Any] | None = None
+
+
+def _size_list(text: str) -> list[str]:
+  names = _name_list(text)
+  unknown = [n for n in names if n not in SIZES]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f"--size={text}: expected names among {','.join(SIZES)}")
+  return names
+
+
+def _dtype_list(text: str) -> list[str]:
+  names = _name_list(text)
+  if not names or any(n not in DTYPES for n in names):
+    raise argparse.ArgumentTypeError(f"--dtype={text}: expected names among {','.join(DTYPES)}")
+  return names
+
+
+def size_model_config(ctx: Context, size: str, dtype: str) -> model_lib.ModelConfig:
+  """The size's model with the `--model.FIELD` overrides, computing in `dtype`."""
+  return model_config_from_preset(SIZES[size].model, {**ctx.args.model_overrides, "dtype": dtype})
+
+
+def _random_tokens(rng: np.random.Generator, cfg: model_lib.ModelConfig, shape) -> np.ndarray:
+  """Token ids above the special ones (presets put them at the start or the end of the vocabulary)."""
+  special = {cfg.mask_token_id, cfg.eos_token_id, cfg.bos_token_id}
+  allowed = np.array([i for i in range(cfg.vocab_size) if i not in special], np.int32)
+  return allowed[rng.integers(0, len(allowed), shape)]
+
+
+def _time_matmul(ctx: Context, dtype: str) -> Result:
+  n, args = ctx.args.matmul_size, ctx.args
+  jdtype = model_lib._DTYPES[dtype]  # noqa: SLF001 - the model's own dtype names
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jdtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jdtype)
+  # float32 accumulation and output, as the model's matmuls ask for.
+  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  times, warm, _ = time_calls(lambda: matmul(a, b), repeats=args.repeats, warmup=max(args.warmup, 1))
+  result = Result("ceiling", f"matmul_{dtype}", {"kind": "matmul", "dtype": dtype, "size": n}, times, warm)
+  rate = 2 * n ** 3 / result.median_s
+  result.metrics = {"flops_per_s": rate, "gflops_per_s": rate / 1e9}
+  return result
+
+
+class Ceilings:
+  """Measured matmul FLOP/s per dtype on one device, measured once per run and shared by sections."""
+
+  def __init__(self, ctx: Context):
+    self.ctx = ctx
+    self.results: dict[str, Result] = {}
+
+  def result(self, dtype: str) -> Result:
+    if dtype not in self.results:
+      self.results[dtype] = _time_matmul(self.ctx, dtype)
+    return self.results[dtype]
+
+  def flops_per_s(self, dtype: str) -> float:
+    return self.result(dtype).metrics["flops_per_s"]
+
+
+def _rates(flops: float, seconds: float, ceiling: float) -> dict[str, float]:
+  """Achieved FLOP/s per device and MFU against the measured ceiling of the same dtype."""
+  per_device = flops / seconds / jax.device_count()
+  return {"flops_per_step": flops, "achieved_flops_per_s": per_device, "achieved_gflops_per_s": per_device / 1e9,
+          "ceiling_gflops_per_s": ceiling / 1e9, "mfu": per_device / ceiling}
+
+
+# ---- ceiling -----------------------------------------------------------------------------------
+
+def _ceiling_arguments(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("ceiling")
+  g.add_argument("--matmul_size", type=int, default=2048, help="n of the n x n x n matmul")
+  g.add_argument("--bandwidth_mb", type=int, default=256, help="MB of float32 read and written by the add")
+
+
+def _check_ceiling(args) -> None:
+  if args.matmul_size < 1 or args.bandwidth_mb < 1:
+    raise ValueError(f"--matmul_size={args.matmul_size}, --bandwidth_mb={args.bandwidth_mb}: expected positive sizes")
+
+
+@register("ceiling", add_arguments=_ceiling_arguments, check=_check_ceiling, columns=(
+    Column("kind", "kind"),
+    Column("dtype", "dtype"),
+    Column("size", "size"),
+    Column("GFLOP/s", "gflops_per_s", "{:.1f}"),
+    Column("GB/s", "gb_per_s", "{:.2f}"),
+    Column("s/call", "median_s", "{:.4f}"),
+    Column("min s", "min_s", "{:.4f}"),
+    Column("max s", "max_s", "{:.4f}"),
+))
+def bench_ceiling(ctx: Context) -> list[Result]:
+  """What one device can do: matmul FLOP/s per compute dtype and memory bandwidth."""
+  args = ctx.args
+  results = [ctx.ceilings.result(dtype) for dtype in args.dtype]
+  n = args.bandwidth_mb * (1 << 20) // 4
+  x = jnp.ones((n,), jnp.float32)
+  add = jax.jit(lambda x: x + 1.0)  # reads and writes every byte once
+  times, warm, _ = time_calls(lambda: add(x), repeats=args.repeats, warmup=max(args.warmup, 1))
+  bandwidth = Result("ceiling", "bandwidth", {"kind": "bandwidth", "dtype": "float32", "size": n}, times, warm)
+  moved = 2 * 4 * n
+  bandwidth.metrics = {"bytes_moved": moved, "bytes_per_s": moved / bandwidth.median_s,
+                       "gb_per_s": moved / bandwidth.median_s / 1e9}
+  return results + [bandwidth]
+
+
+# ---- train_step ----------------------------------------------------------------------------------
+
+def _train_step_arguments(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("train_step, elbo")
+  g.add_argument("--size", type=_size_list, default=["demo", "ref35m"],
+                 help=f"comma-separated among {','.join(SIZES)}: " + "; ".join(
+                     f"{k} = {v.model} at seq {v.seq_len}, batch {v.batch_size}" for k, v in SIZES.items()))
+  g.add_argument("--dtype", type=_dtype_list, default=list(DTYPES),
+                 help="compute dtypes (parameters stay float32); also the ceiling section's")
+  g.add_argument("--objectives", type=_name_list, default=["pretrain", "sft", "vrpo"],
+                 help="comma-separated among pretrain,sft,vrpo")
+  g.add_argument("--vrpo_n", type=_int_list, default=[1, 4, 8], help="VRPO budgets n = n_t (n_yt = 1)")
+  g.add_argument("--reference", type=_name_list, default=["online", "precomputed"],
+                 help="VRPO reference ELBOs: online (the step runs the reference) and/or precomputed (in the batch)")
+  g.add_argument("--sft_weight", type=float, default=0.0, help="VRPO's SFT term (the paper's recipe: 0.05)")
+  g.add_argument("--grad_accum_steps", type=int, default=0,
+                 help="micro-batches per step (0: the fewest that keep each within --max_micro_batch_tokens)")
+  g.add_argument("--max_micro_batch_tokens", type=int, default=8192,
+                 help="tokens through the policy per micro-batch when --grad_accum_steps=0 (VRPO at n = 8 on the "
+                      "ref35m size needs 22 GB in one piece)")
+
+
+def grad_accum_steps(args, objective: str, size: Size, n: int, shards: int) -> int:
+  """`--grad_accum_steps`, or the fewest micro-batches (dividing the batch evenly over the batch
+  shards) whose policy tokens stay within `--max_micro_batch_tokens`."""
+  if args.grad_accum_steps:
+    return args.grad_accum_steps
+  copies = 2 * n if objective == "vrpo" else 1
+  b = size.batch_size
+  fitting = [a for a in range(1, b + 1) if b % a == 0 and (b // a) % shards == 0]
+  for a in fitting:
+    if copies * (b // a) * size.seq_len <= args.max_micro_batch_tokens:
+      return a
+  return fitting[-1] if fitting else 1
+
+
+def _train_config(objective: str, cfg: model_lib.ModelConfig, size: Size, args, n: int, precomputed: bool,
+                  accum: int = 1):
+  config = config_lib.base_config()
+  config.objective = objective
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  config.data.seq_len, config.data.global_batch_size = size.seq_len, size.batch_size
+  config.grad_accum_steps = accum
+  config.optimizer = optim.default_optimizer_config(objective)
+  config.vrpo.n_timesteps, config.vrpo.masks_per_timestep = n, 1
+  config.vrpo.sft_weight = args.sft_weight
+  config.vrpo.precompute_reference = precomputed
+  return config
+
+
+def _train_batch(objective: str, cfg: model_lib.ModelConfig, size: Size, seed: int) -> dict[str, np.ndarray]:
+  """A random batch as the pipelines shape it: prompts of a quarter of the row, answers to the end or less."""
+  rng = np.random.default_rng(seed)
+  b, l = size.batch_size, size.seq_len
+  if objective == "pretrain":
+    return {"tokens": _random_tokens(rng, cfg, (b, l))}
+  prompt_lengths = np.full((b,), max(1, l // 4), np.int32)
+  ids = np.arange(b, dtype=np.int32)
+  if objective == "sft":
+    return {"tokens": _random_tokens(rng, cfg, (b, l)), "prompt_lengths": prompt_lengths, "example_id": ids}
+  return {"chosen": _random_tokens(rng, cfg, (b, l)), "rejected": _random_tokens(rng, cfg, (b, l)),
+          "prompt_lengths": prompt_lengths, "chosen_lengths": rng.integers(l // 2, l + 1, (b,)).astype(np.int32),
+          "rejected_lengths": rng.integers(l // 2, l + 1, (b,)).astype(np.int32), "example_id": ids}
+
+
+def _step_flops(objective: str, cfg, size: Size, n: int, precomputed: bool, sft_weight: float) -> tuple[int, int]:
+  """(analytic FLOPs, tokens through the policy) of one step, as llada_jax.metrics counts them."""
+  b, l = size.batch_size, size.seq_len
+  if objective != "vrpo":
+    return metrics_lib.lm_step_flops(cfg, batch_size=b, seq_len=l), b * l
+  flops = metrics_lib.vrpo_step_flops(cfg, n_pairs=b, seq_len=l, n_timesteps=n, masks_per_timestep=1,
+                                      reference_precomputed=precomputed, sft_weight=sft_weight)
+  return flops.total, 2 * n * b * l + (b * l if sft_weight > 0 else 0)
+
+
+def _variants(args) -> list[tuple[str, int, str]]:
+  """(objective, n, reference) of every timed step, in table order."""
+  unknown = [o for o in args.objectives if o not in ("pretrain", "sft", "vrpo")]
+  if unknown or not args.objectives:
+    raise ValueError(f"--objectives={','.join(args.objectives)}: expected a subset of pretrain,sft,vrpo")
+  bad_ref = [r for r in args.reference if r not in ("online", "precomputed")]
+  if bad_ref or not args.reference:
+    raise ValueError(f"--reference={','.join(args.reference)}: expected a subset of online,precomputed")
+  if "vrpo" in args.objectives and (not args.vrpo_n or min(args.vrpo_n) < 1):
+    raise ValueError(f"--vrpo_n={args.vrpo_n}: expected positive integers")
+  out = []
+  for objective in args.objectives:
+    if objective == "vrpo":
+      out += [("vrpo", n, ref) for n in args.vrpo_n for ref in args.reference]
+    else:
+      out.append((objective, 1, "-"))
+  return out
+
+
+def _compile(jitted, *example_args):
+  start = time.perf_counter()
+  compiled = jitted.lower(*example_args).compile(compiler_options=COMPILER_OPTIONS)
+  seconds = time.perf_counter() - start
+  memory = None
+  try:
+    stats = compiled.memory_analysis()
+    if stats is not None:
+      memory = int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                   + stats.temp_size_in_bytes)
+  except (AttributeError, NotImplementedError):  # not every backend reports it
+    pass
+  return compiled, seconds, memory
+
+
+def _check_sizes(args) -> None:
+  """Every size's model takes the `--model.FIELD` overrides."""
+  for size in args.size:
+    for dtype in args.dtype:
+      model_config_from_preset(SIZES[size].model, {**args.model_overrides, "dtype": dtype})
+
+
+def _check_train_step(args) -> None:
+  _variants(args)
+  if args.grad_accum_steps < 0 or args.max_micro_batch_tokens < 1:
+    raise ValueError(f"--grad_accum_steps={args.grad_accum_steps}, --max_micro_batch_tokens="
+                     f"{args.max_micro_batch_tokens}: expected a count >= 0 (0: automatic) and a positive budget")
+  _check_sizes(args)
+
+
+def _time_steps(compiled, state, batch, root_key, reference_params, args):
+  """(timed seconds, warm-up seconds, last metrics) of consecutive steps, each fed the last one's state."""
+  holder = [state]
+
+  def call():
+    holder[0], step_metrics = compiled(holder[0], batch, root_key, reference_params)
+    return holder[0], step_metrics
+
+  times, warm, (_, step_metrics) = time_calls(call, repeats=args.repeats, warmup=args.warmup)
+  return times, warm, step_metrics
+
+
+@register("train_step", add_arguments=_train_step_arguments, check=_check_train_step, columns=(
+    Column("size", "size"),
+    Column("dtype", "dtype"),
+    Column("objective", "objective"),
+    Column("n", "n"),
+    Column("reference", "reference"),
+    Column("accum", "grad_accum_steps"),
+    Column("tokens/s", "tokens_per_s", "{:.1f}"),
+    Column("model tok/s", "model_tokens_per_s", "{:.1f}"),
+    Column("s/step", "median_s", "{:.3f}"),
+    Column("iqr s", "iqr_s", "{:.3f}"),
+    Column("GFLOP/s", "achieved_gflops_per_s", "{:.1f}"),
+    Column("MFU", "mfu", "{:.1%}"),
+    Column("vs online", "step_time_vs_online", "{:.2f}x"),
+    Column("ref s/step", "reference_precompute_s", "{:.3f}"),
+    Column("peak GB", "peak_gb", "{:.2f}"),
+    Column("compile s", "compile_s", "{:.1f}"),
+))
+def bench_train_step(ctx: Context) -> list[Result]:
+  """The training step exactly as llada_jax.train builds it (sharded on the default devices, state
+  donated), per size, compute dtype and objective; VRPO online and with precomputed reference ELBOs."""
+  from llada_jax import reference_elbo, sharding, trainer  # noqa: PLC0415
+
+  args = ctx.args
+  _check_train_step(args)
+  variants = _variants(args)
+  results = []
+  for size_name in args.size:
+    size = SIZES[size_name]
+    for dtype in args.dtype:
+      cfg = size_model_config(ctx, size_name, dtype)
+      online_time = {}
+      for objective_name, n, reference in variants:
+        precomputed = reference == "precomputed"
+        mesh = sharding.make_mesh(config_lib.base_config().mesh)
+        rules = sharding.rules_from_config(config_lib.base_config().sharding_rules)
+        batch_sh = sharding.batch_sharding(mesh, rules)
+        shards = sharding.batch_shards(batch_sh)
+        accum = grad_accum_steps(args, objective_name, size, n, shards)
+        if size.batch_size % accum or (size.batch_size // accum) % shards:
+          raise ValueError(f"--size={size_name}: batch {size.batch_size} in {accum} micro-batches does not split "
+                           f"over the {shards} batch shards of the default mesh")
+        config = _train_config(objective_name, cfg, size, args, n, precomputed, accum)
+        objective = trainer.make_objective(config, cfg)
+        tx = optim.make_optimizer(config.optimizer)
+        _, state_sh = trainer.state_shardings(cfg, tx, mesh, rules)
+        state = trainer.create_train_state(cfg, tx, jax.random.key(args.seed), mesh, rules)
+        local = _train_batch(objective_name, cfg, size, args.seed)
+        reference_params = None
+        if objective.needs_reference or objective.reference_in_batch:
+          # A reference near the policy, placed like it.
+          reference_params = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x * 0.99, p),
+                                     out_shardings=state_sh.params)(state.params)
+        root_key = jax.random.key(args.seed)
+        extra = {}
+        if objective.reference_in_batch:
+          fn = jax.jit(trainer.with_activation_rules(
+              reference_elbo.reference_elbo_fn(objective.loss_fn, micro_batches=accum), mesh, rules))
+          pair = sharding.global_batch({k: local[k] for k in reference_elbo.PAIR_KEYS}, batch_sh)
+          ref_times, _, (chosen, rejected) = time_calls(lambda: fn(reference_params, pair, root_key, 0), repeats=1)
+          extra["reference_precompute_s"] = ref_times[0]
+          local = {**local, reference_elbo.REFERENCE_CHOSEN: np.asarray(chosen),
+                   reference_elbo.REFERENCE_REJECTED: np.asarray(rejected)}
+          reference_params = None  # the step never sees them
+        batch = sharding.global_batch(local, batch_sh)
+        step = trainer.jit_train_step(trainer.make_train_step(objective, tx, grad_accum_steps=accum),
+                                      state_sh, batch_sh, mesh,
+                                      state_sh.params if objective.needs_reference else None, rules=rules)
+        compiled, compile_s, memory = _compile(step, state, batch, root_key, reference_params)
+        times, warm, step_metrics = _time_steps(compiled, state, batch, root_key, reference_params, args)
+        state = reference_params = None  # donated, or no longer needed: free before the next variant
+        flops, model_tokens = _step_flops(objective_name, cfg, size, n, precomputed, args.sft_weight)
+        settings = {"size": size_name, "dtype": dtype, "objective": objective_name, "n": n if objective_name == "vrpo"
+                    else None, "reference": None if reference == "-" else reference, "seq_len": size.seq_len,
+                    "batch_size": size.batch_size, "num_params": cfg.num_params(), "remat": cfg.remat,
+                    "scan_layers": cfg.scan_layers, "attention_impl": cfg.attention_impl,
+                    "grad_accum_steps": accum,
+                    "sft_weight": args.sft_weight if objective_name == "vrpo" else None}
+        name = f"{size_name}/{dtype}/{objective_name}" + (f"/n{n}/{reference}" if objective_name == "vrpo" else "")
+        result = Result("train_step", name, settings, times, warm)
+        rows = size.batch_size * (2 if objective_name == "vrpo" else 1)
+        result.metrics = {
+            "tokens_per_s": rows * size.seq_len / result.median_s,
+            "model_tokens_per_s": model_tokens / result.median_s,
+            "steps_per_s": 1 / result.median_s,
+            **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype)),
+            "compile_s": compile_s,
+            "peak_gb": None if memory is None else memory / 1e9,
+            "loss": float(step_metrics["loss"]),
+            **extra,
+        }
+        if objective_name == "vrpo":
+          if reference == "online":
+            online_time[n] = result.median_s
+          result.metrics["step_time_vs_online"] = (result.median_s / online_time[n] if n in online_time else None)
+        results.append(result)
+        print(f"train_step {name}: {result.median_s:.3f} s/step, {result.metrics['mfu']:.1%} MFU", flush=True)
+  return results
+
+
+# ---- elbo ----------------------------------------------------------------------------------------
+
+def _elbo_arguments(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("elbo")
+  g.add_argument("--mc_num", type=_int_list, default=[32],
+                 help="Monte Carlo samples per sequence (comma-separated; the reference evaluation uses 128)")
+  g.add_argument("--elbo_batch_size", type=int, default=16, help="rows of one stratified round")
+  g.add_argument("--elbo_sequences", type=int, default=0,
+                 help="sequences scored per call (0: the size's batch size)")
+
+
+def _check_elbo(args) -> None:
+  from llada_jax.eval import likelihood  # noqa: PLC0415
+
+  if not args.mc_num or min(args.mc_num) < 1 or args.elbo_sequences < 0:
+    raise ValueError(f"--mc_num={args.mc_num}, --elbo_sequences={args.elbo_sequences}: expected positive integers")
+  for mc_num in args.mc_num:
+    likelihood.check_budget(mc_num, args.elbo_batch_size)
+  _check_sizes(args)
+
+
+@register("elbo", add_arguments=_elbo_arguments, check=_check_elbo, columns=(
+    Column("size", "size"),
+    Column("dtype", "dtype"),
+    Column("mc_num", "mc_num"),
+    Column("seqs", "sequences"),
+    Column("length", "padded_length"),
+    Column("seqs/s", "sequences_per_s", "{:.2f}"),
+    Column("s/call", "median_s", "{:.3f}"),
+    Column("iqr s", "iqr_s", "{:.3f}"),
+    Column("GFLOP/s", "achieved_gflops_per_s", "{:.1f}"),
+    Column("MFU", "mfu", "{:.1%}"),
+))
+def bench_elbo(ctx: Context) -> list[Result]:
+  """ELBO scoring (llada_jax.eval.likelihood.score_answers) of random sequences: prompt a quarter of
+  the size's sequence length, answer the rest; sequences/s at each mc_num."""
+  from llada_jax.eval import likelihood  # noqa: PLC0415
+
+  args = ctx.args
+  _check_elbo(args)
+  results = []
+  for size_name in args.size:
+    size = SIZES[size_name]
+    count = args.elbo_sequences or size.batch_size
+    prompt_len = max(1, size.seq_len // 4)
+    for dtype in args.dtype:
+      cfg = size_model_config(ctx, size_name, dtype)
+      options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+      params = jax.jit(lambda key: model_lib.init_params(cfg, key), compiler_options=options)(jax.random.key(args.seed))
+      rng = np.random.default_rng(args.seed)
+      tokens = _random_tokens(rng, cfg, (count, size.seq_len))
+      prompts, answers = [list(t[:prompt_len]) for t in tokens], [list(t[prompt_len:]) for t in tokens]
+      logits_fn = model_lib.logits_fn(cfg)
+      padded = likelihood.bucket_length(size.seq_len)
+      for mc_num in args.mc_num:
+        call = functools.partial(likelihood.score_answers, params, cfg, prompts, answers, jax.random.key(args.seed),
+                                 mc_num=mc_num, batch_size=args.elbo_batch_size, logits_fn=logits_fn)
+        times, warm, scores = time_calls(call, repeats=args.repeats, warmup=args.warmup)
+        settings = {"size": size_name, "dtype": dtype, "mc_num": mc_num, "sequences": count,
+                    "seq_len": size.seq_len, "padded_length": padded, "prompt_length": prompt_len,
+                    "batch_size": args.elbo_batch_size, "num_params": cfg.num_params()}
+        result = Result("elbo", f"{size_name}/{dtype}/mc{mc_num}", settings, times, warm)
+        forward_tokens = count * mc_num * padded
+        flops = metrics_lib.forward_flops_per_token(cfg, padded) * forward_tokens
+        result.metrics = {"sequences_per_s": count / result.median_s,
+                          "forward_tokens_per_s": forward_tokens / result.median_s,
+                          **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype)),
+                          "mean_elbo": float(np.mean(scores))}
+        results.append(result)
+  return results
+
+
 # --------------------------------------------------------------------------------------------
 # Reporting.
 
@@ -450,11 +911,16 @@ write_json = cli.write_json_atomic
 # Command line.
 
 
+# The ceiling first: the sections after it compute MFU against its measurements.
+DEFAULT_ORDER = ("ceiling", "train_step", "elbo", "sampling")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                               epilog="Model fields can also be set as --model.FIELD=VALUE.")
-  p.add_argument("--only", type=_name_list, default=list(SECTIONS),
-                 help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
+  order = [name for name in DEFAULT_ORDER if name in SECTIONS] + [n for n in SECTIONS if n not in DEFAULT_ORDER]
+  p.add_argument("--only", type=_name_list, default=order,
+                 help=f"comma-separated sections to run, in order (default: all: {','.join(order)})")
   p.add_argument("--checkpoint", default=None, help="a training run's workdir or its checkpoints/ directory")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--model", default=None,
@@ -482,6 +948,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     raise ValueError("--checkpoint and --model: expected one of them (a checkpoint fixes the model)")
   if args.repeats < 1 or args.warmup < 0:
     raise ValueError(f"--repeats={args.repeats}, --warmup={args.warmup}: expected repeats >= 1, warmup >= 0")
+  for name in args.only:  # every section's flags, before any section runs
+    SECTIONS[name].check(args)
   return args
 
 
@@ -500,6 +968,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "environment": environment(),
       "model": loaded.describe() if loaded else None,
+      # The matmul FLOP/s that MFU is measured against (only those measured in this run).
+      "ceilings": {dtype: r.metrics["flops_per_s"] for dtype, r in ctx.ceilings.results.items()},
       "settings": {k: v for k, v in vars(args).items() if k != "output"},
       "results": [r.to_dict() for r in results],
   }

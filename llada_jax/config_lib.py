@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.vrpo.estimator = "l_over_L"
   c.vrpo.stratified = False
   c.vrpo.sft_weight = 0.05
+  # Reference ELBOs computed once before training with the step's own keys (llada_jax.reference_elbo):
+  # the step then runs the policy only and holds no reference weights.
+  c.vrpo.precompute_reference = False
+  c.vrpo.reference_elbos_file = ""  # "" = WORKDIR/reference_elbos.npz
 
   c.data = ml_collections.ConfigDict()
   c.data.train_files = ()  # text / JSONL / ArrayRecord files (tuple of paths or globs)
@@ -95,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.logging.progress_bar = True
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False  # True, False or "auto" (TPU pods, SLURM)
+  # False, True or "auto" (TPU pods, SLURM: JAX finds the coordinator itself). Typed `object` so the
+  # command line takes any of the three: --config.distributed.initialize=auto.
+  c.distributed.initialize = ml_collections.FieldReference(False, field_type=object)
   c.distributed.coordinator_address = ""
   c.distributed.num_processes = -1
   c.distributed.process_id = -1
@@ -124,3 +130,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("checkpoint.every_steps", "a positive integer")
   if config.logging.every_steps < 1:
     fail("logging.every_steps", "a positive integer")
+  if config.distributed.initialize not in sharding.DISTRIBUTED_MODES:
+    fail("distributed.initialize", f"one of {sharding.DISTRIBUTED_MODES}")

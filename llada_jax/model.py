@@ -17,23 +17,28 @@ samplers call the same functions on the parameter tree directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Names `contract` gives its outputs: the model's matmuls run inside a custom_vjp, where the
+# dot_general-based policies of jax.checkpoint_policies cannot see them.
+_MATMUL, _BATCHED_MATMUL = "matmul", "batched_matmul"
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots": jax.checkpoint_policies.save_only_these_names(_MATMUL),  # projections, not attention
+    "dots_saveable": jax.checkpoint_policies.save_only_these_names(_MATMUL, _BATCHED_MATMUL),
 }
-_ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+_ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +61,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmul inputs.
   remat: str = "none"  # one of _REMAT_POLICIES.
   scan_layers: bool = False
-  attention_impl: str = "xla"  # "xla": einsum + float32 softmax; "jax"/"cudnn": jax.nn.dot_product_attention.
+  # "xla": einsum + float32 softmax; "jax"/"cudnn": jax.nn.dot_product_attention; "auto": cuDNN's fused
+  # attention on GPU for 16-bit compute where its kernels apply (none is float32), "xla" elsewhere
+  # (on CPU it measured as fast as jax.nn.dot_product_attention's XLA path; README, "Benchmarks and
+  # performance").
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     def fail(field, expected):
@@ -89,6 +98,18 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def resolved_attention_impl(self) -> str:
+    """The implementation `attention_impl` stands for on the default backend."""
+    if self.attention_impl != "auto":
+      return self.attention_impl
+    # cuDNN's fused kernels take 16-bit inputs and head dimensions that are multiples of 8 up to 128.
+    hd = self.resolved_head_dim
+    if (jax.default_backend() == "gpu" and self.dtype in ("bfloat16", "float16") and hd % 8 == 0
+        and hd <= 128):
+      return "cudnn"
+    return "xla"
 
   @property
   def compute_dtype(self):
@@ -157,6 +178,46 @@ def _constrain(x: Array, axes) -> Array:
 # piece of math is written once so the two paths cannot drift apart.
 
 
+def contract(spec: str, x: Array, y: Array, out_dtype) -> Array:
+  """`einsum(spec, x, y)` accumulated in float32 and cast to `out_dtype`, gradients likewise.
+
+  Every matmul of the model goes through here. Both gradients are computed as einsums of the same
+  form with the cotangent cast to the operands' (compute) dtype: a bfloat16 model's backward
+  matmuls then run as bfloat16 matmuls with float32 accumulation, where the default rules would
+  give float32 x bfloat16 or bfloat16-output products, which XLA:CPU runs as float32 matmuls with
+  converted copies of the operands. The explicit forms also measured faster in float32 on CPU
+  than the default transposition of `einsum` (README, "Benchmarks and performance"). Each index of
+  `spec` must appear in the output or in both operands. The output is named for the remat policies: a
+  matmul with batch dimensions (indices in both operands and the output: attention) or without.
+  """
+  operands, out = spec.split("->")
+  xs, ys = operands.split(",")
+  batched = any(i in ys and i in out for i in xs)
+  return checkpoint_name(_contract(spec, x, y, out_dtype), _BATCHED_MATMUL if batched else _MATMUL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _contract(spec, x, y, out_dtype):
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _contract_fwd(spec, x, y, out_dtype):
+  return _contract(spec, x, y, out_dtype), (x, y)
+
+
+def _contract_bwd(spec, out_dtype, residuals, g):
+  x, y = residuals
+  operands, out = spec.split("->")
+  xs, ys = operands.split(",")
+  g = g.astype(x.dtype)
+  dx = jnp.einsum(f"{out},{ys}->{xs}", g, y, preferred_element_type=jnp.float32).astype(x.dtype)
+  dy = jnp.einsum(f"{xs},{out}->{ys}", x, g, preferred_element_type=jnp.float32).astype(y.dtype)
+  return dx, dy
+
+
+_contract.defvjp(_contract_fwd, _contract_bwd)
+
+
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
   """float32 (sin, cos) of shape [batch, length, head_dim] for half-split rotary embedding."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -223,7 +284,7 @@ def _qkv(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array, rope) -> tuple[
   cdt = cfg.compute_dtype
   x = x_btd.astype(cdt)
   axes = ("batch", "length", "heads", "head_dim")
-  q, k, v = (_constrain(jnp.einsum("btd,dhk->bthk", x, p[name].astype(cdt)), axes)
+  q, k, v = (_constrain(contract("btd,dhk->bthk", x, p[name].astype(cdt), cdt), axes)
              for name in ("q_proj", "k_proj", "v_proj"))
   sin, cos = rope
   return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
@@ -234,42 +295,45 @@ def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
   b, t, h, d = q_bthd.shape
   kv = k_bskd.shape[2]
   q = q_bthd.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
+  scores = contract("btkgd,bskd->bkgts", q, k_bskd, jnp.float32) * scale
   if mask is not None:
     # A large finite negative keeps fully masked (padding) query rows finite.
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+  out = contract("bkgts,bskd->btkgd", probs, v_bskd, v_bskd.dtype)
   return out.reshape(b, t, h, d)
 
 
 def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, mask) -> Array:
   """Attention of q over k/v (which may be longer: a span against a cache), then `attn_out`."""
   scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
-  if cfg.attention_impl == "xla":
+  impl = cfg.resolved_attention_impl
+  if impl == "xla":
     out = _xla_attention(q, k, v, mask, scale)
   else:
     if mask is not None:  # cuDNN wants the mask's query and key lengths spelled out
       mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+        q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
   out = _constrain(out, ("batch", "length", "heads", "head_dim"))
-  return jnp.einsum("bthk,hkd->btd", out, p["attn_out"].astype(cfg.compute_dtype))
+  cdt = cfg.compute_dtype
+  return contract("bthk,hkd->btd", out.astype(cdt), p["attn_out"].astype(cdt), cdt)
 
 
 def _swiglu(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array) -> Array:
   """ff_out(silu(ff_proj(x)) * up_proj(x))."""
   cdt = cfg.compute_dtype
   x = x_btd.astype(cdt)
-  gate = jnp.einsum("btd,dm->btm", x, p["ff_proj"].astype(cdt))
-  up = jnp.einsum("btd,dm->btm", x, p["up_proj"].astype(cdt))
+  gate = contract("btd,dm->btm", x, p["ff_proj"].astype(cdt), cdt)
+  up = contract("btd,dm->btm", x, p["up_proj"].astype(cdt), cdt)
   hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-  return jnp.einsum("btm,md->btd", hidden, p["ff_out"].astype(cdt))
+  return contract("btm,md->btd", hidden, p["ff_out"].astype(cdt), cdt)
 
 
 def _head(cfg: ModelConfig, x_btd: Array, w_head: Array) -> Array:
   # float32 logits: the losses and the sampler's confidences need the precision.
-  logits = jnp.einsum("btd,dv->btv", x_btd, w_head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+  cdt = cfg.compute_dtype
+  logits = contract("btd,dv->btv", x_btd.astype(cdt), w_head.astype(cdt), jnp.float32)
   return _constrain(logits, ("batch", "length", "vocab"))
 
 

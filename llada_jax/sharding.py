@@ -123,6 +123,9 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
+DISTRIBUTED_MODES = (False, True, "auto")
+
+
 def maybe_initialize_distributed(cfg: Mapping[str, Any]) -> None:
   """`jax.distributed.initialize` when the config asks for it (before any other JAX call).
 
@@ -131,6 +134,8 @@ def maybe_initialize_distributed(cfg: Mapping[str, Any]) -> None:
   clusters without auto-detection.
   """
   mode = cfg.get("initialize", False)
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f"config.distributed.initialize={mode!r}: expected one of {DISTRIBUTED_MODES}")
   if not mode:
     return
   kwargs = {}

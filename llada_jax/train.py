@@ -8,7 +8,10 @@ config -> mesh -> data -> sharded state (restored if the workdir has a checkpoin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -16,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, logging
+from etils import epath
 from ml_collections import config_flags
 
 from llada_jax import checkpoint as ckpt_lib
@@ -48,7 +52,7 @@ def make_data_iterator(config, model_cfg):
     raise ValueError("config.data.train_files=(): expected at least one text, JSONL or ArrayRecord file")
   if not config.data.tokenizer:
     raise ValueError("config.data.tokenizer='': expected the path of a sentencepiece .model file")
-  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+  tokenizer = data_lib.load_tokenizer(local_copy(config.data.tokenizer))
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
   for field, tok_id in (("mask_token_id", tokenizer.mask_id), ("eos_token_id", tokenizer.eos_id)):
     if getattr(model_cfg, field) != tok_id:
@@ -65,6 +69,84 @@ def make_data_iterator(config, model_cfg):
       chat_template=config.data.chat_template, on_too_long=config.data.on_too_long)
 
 
+# --------------------------------------------------------------------------------------------
+# Remote (gs://) paths. Checkpoints and data files go through etils.epath; the tokenizer libraries
+# and the metric writer need local files, so those are copied down or mirrored up.
+
+
+def _is_remote(path) -> bool:
+  return "://" in os.fspath(path)
+
+
+def _local_cache(kind: str, remote: str) -> str:
+  return os.path.join(tempfile.gettempdir(), "llada_jax", kind, hashlib.sha256(remote.encode()).hexdigest()[:16])
+
+
+def local_copy(path: str) -> str:
+  """A local path as it is; a remote tokenizer file (a directory: its tokenizer.json) copied to local disk."""
+  if not _is_remote(path):
+    return path
+  src = epath.Path(path)
+  if src.is_dir():
+    src = src / "tokenizer.json"
+  if not src.is_file():
+    raise FileNotFoundError(f"config.data.tokenizer={path!r}: no such file ({src})")
+  local = os.path.join(_local_cache("files", os.fspath(src)), src.name)
+  if not os.path.exists(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.tmp{os.getpid()}"  # several processes per host may copy at once
+    with open(tmp, "wb") as f:
+      f.write(src.read_bytes())
+    os.replace(tmp, local)
+  return local
+
+
+class _MirroredMetricWriter(metrics_lib.MetricWriter):
+  """A MetricWriter for a remote workdir: writes a local mirror and copies it up every
+  `upload_secs` and on close. A resumed run first fetches the metrics it logged before."""
+
+  _APPENDED = ("metrics.jsonl", "text.jsonl")
+
+  def __init__(self, workdir: str, upload_secs: float = 60.0):
+    self.remote = epath.Path(workdir)
+    self.upload_secs = upload_secs
+    local = _local_cache("metrics", workdir)
+    if jax.process_index() == 0:
+      os.makedirs(local, exist_ok=True)
+      for name in self._APPENDED:
+        if not os.path.exists(os.path.join(local, name)) and (self.remote / name).exists():
+          with open(os.path.join(local, name), "wb") as f:
+            f.write((self.remote / name).read_bytes())
+    super().__init__(local)
+    self._uploaded = time.monotonic()
+
+  def write_scalars(self, step, scalars):
+    super().write_scalars(step, scalars)
+    if time.monotonic() - self._uploaded >= self.upload_secs:
+      self.upload()
+
+  def upload(self):
+    if not self.enabled:
+      return
+    self.flush()
+    for root, _, files in os.walk(self.workdir):
+      for name in files:
+        src = os.path.join(root, name)
+        dst = self.remote / os.path.relpath(src, self.workdir)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as f:
+          dst.write_bytes(f.read())
+    self._uploaded = time.monotonic()
+
+  def close(self):
+    super().close()
+    self.upload()
+
+
+def metric_writer(workdir: str) -> metrics_lib.MetricWriter:
+  return _MirroredMetricWriter(workdir) if _is_remote(workdir) else metrics_lib.MetricWriter(workdir)
+
+
 def _load_initial_params(path, step, abstract_state):
   return ckpt_lib.load_params(path, abstract_state.params, step=None if step < 0 else step)
 
@@ -76,7 +158,8 @@ def _flops_per_step(config, model_cfg) -> float:
   naive = config.objective == "naive_dpo"
   return metrics_lib.vrpo_step_flops(
       model_cfg, n_pairs=b, seq_len=l, n_timesteps=1 if naive else config.vrpo.n_timesteps,
-      masks_per_timestep=1 if naive else config.vrpo.masks_per_timestep, sft_weight=config.vrpo.sft_weight).total
+      masks_per_timestep=1 if naive else config.vrpo.masks_per_timestep, sft_weight=config.vrpo.sft_weight,
+      reference_precomputed=bool(config.vrpo.get("precompute_reference", False))).total
 
 
 def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: int | None = None,
@@ -122,20 +205,28 @@ def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: in
   else:
     state = trainer.create_train_state(model_cfg, tx, jax.random.fold_in(root_key, 0x1A17), mesh, rules)
 
-  reference_params, reference_sh = None, None
-  if objective.needs_reference:
+  reference_params, reference_sh, reference_table = None, None, None
+  if objective.needs_reference or objective.reference_in_batch:
     source = config.checkpoint.reference_from or config.checkpoint.init_from
     if not source:
       raise ValueError(f"config.checkpoint.reference_from='': objective {config.objective!r} needs reference "
                        "weights (set checkpoint.init_from or checkpoint.reference_from)")
-    reference_params = _load_initial_params(source, config.checkpoint.init_step, abstract_state)
-    reference_sh = state_sh.params
+    load_reference = lambda: _load_initial_params(source, config.checkpoint.init_step, abstract_state)  # noqa: E731
+    if objective.reference_in_batch:  # the step never sees the reference weights
+      from llada_jax import reference_elbo  # noqa: PLC0415
+
+      reference_table = reference_elbo.load_or_compute(
+          config, objective.loss_fn, root_key=root_key, batch_sharding=batch_sh, reference_shardings=state_sh.params,
+          make_batches=lambda: make_data_iterator(config, model_cfg), load_reference=load_reference)
+    else:
+      reference_params = load_reference()
+      reference_sh = state_sh.params
 
   step_fn = trainer.jit_train_step(
       trainer.make_train_step(objective, tx, grad_accum_steps=config.grad_accum_steps),
-      state_sh, batch_sh, mesh, reference_sh)
+      state_sh, batch_sh, mesh, reference_sh, rules=rules)
 
-  writer = metrics_lib.MetricWriter(config.workdir)
+  writer = metric_writer(config.workdir)
   if latest is None:
     writer.write_config(config.to_dict())
   flops = _flops_per_step(config, model_cfg)
@@ -155,6 +246,8 @@ def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: in
       except StopIteration:
         logging.info("Data exhausted at step %d", step)
         break
+      if reference_table is not None:
+        local = reference_table.attach(local, step)
       batch = sharding.global_batch(local, batch_sh)
       state, step_metrics = step_fn(state, batch, root_key, reference_params)
       pending.append((step + 1, step_metrics))  # fetched at log time: no device sync per step

@@ -134,9 +134,10 @@ def test_accuracy_columns_with_a_checkpoint(trained_run, tmp_path, capsys):
   prompt_length = sampling.bucket_length(max(len(tokenizer.encode(ex["prompt"]))
                                              for ex in demo_task.read_jsonl(test_file)))
   out = tmp_path / "bench.json"
-  assert bench.main(["--checkpoint", str(run_dir), "--task_data", test_file, "--num_examples", "2",
-                     "--eval_batch_size", "2", "--batch_sizes", "2", "--variants", "exact,dual+threshold",
-                     "--prompt_length", str(prompt_length), "--gen_length", "8", "--block_length", "4",
+  assert bench.main(["--only", "sampling", "--checkpoint", str(run_dir), "--task_data", test_file,
+                     "--num_examples", "2", "--eval_batch_size", "2", "--batch_sizes", "2",
+                     "--variants", "exact,dual+threshold", "--prompt_length", str(prompt_length),
+                     "--gen_length", "8", "--block_length", "4",
                      "--steps", "8", "--repeats", "1", "--output", str(out)]) == 0
   assert "acc drop" in capsys.readouterr().out
   report = json.loads(out.read_text())
@@ -155,5 +156,137 @@ def test_task_data_without_answers_is_refused(trained_run, tmp_path, capsys):
   run_dir, _, _ = trained_run
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"prompt": "Mia has 2 apples.\n"}) + "\n")
-  assert bench.main(["--checkpoint", str(run_dir), "--task_data", str(bad)]) == 1
+  assert bench.main(["--only", "sampling", "--checkpoint", str(run_dir), "--task_data", str(bad)]) == 1
   assert f"{bad}, example 1: expected a demo-task object" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# ceiling, train_step and elbo at the tiny size.
+
+STEP_FLAGS = ["--size", "tiny", "--dtype", "float32", "--matmul_size", "128", "--bandwidth_mb", "4",
+              "--repeats", "2"]
+
+
+@pytest.fixture(scope="module")
+def cheap_steps():
+  """Unoptimised codegen for the timed train steps: compilation dominates at the tiny size."""
+  if jax.default_backend() != "cpu":
+    yield
+    return
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(bench, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    yield
+
+
+@pytest.fixture(scope="module")
+def step_run(cheap_steps):
+  ctx = bench.Context(bench.parse_args([*STEP_FLAGS, "--objectives", "pretrain,vrpo", "--vrpo_n", "2"]))
+  return ctx, bench.bench_train_step(ctx)
+
+
+def test_ceiling_rows(cheap_steps):
+  ctx = bench.Context(bench.parse_args([*STEP_FLAGS, "--dtype", "float32,bfloat16"]))
+  rows = {r.name: r for r in bench.bench_ceiling(ctx)}
+  assert list(rows) == ["matmul_float32", "matmul_bfloat16", "bandwidth"]
+  for dtype in ("float32", "bfloat16"):
+    r = rows[f"matmul_{dtype}"]
+    assert r.metrics["flops_per_s"] == pytest.approx(2 * 128 ** 3 / r.median_s) and r.metrics["flops_per_s"] > 0
+    assert ctx.ceilings.flops_per_s(dtype) == r.metrics["flops_per_s"]  # what MFU is measured against
+  bw = rows["bandwidth"]
+  n = 4 * (1 << 20) // 4
+  assert bw.settings["size"] == n and bw.metrics["bytes_moved"] == 2 * 4 * n
+  assert bw.metrics["gb_per_s"] == pytest.approx(2 * 4 * n / bw.median_s / 1e9)
+  assert "GB/s" in bench.format_table("ceiling", list(rows.values()))
+
+
+def test_train_step_rows_rates_and_flops(step_run):
+  from llada_jax import metrics, model as model_lib  # noqa: PLC0415
+
+  ctx, results = step_run
+  rows = {r.name: r for r in results}
+  assert list(rows) == ["tiny/float32/pretrain", "tiny/float32/vrpo/n2/online", "tiny/float32/vrpo/n2/precomputed"]
+  cfg = model_lib.ModelConfig.from_dict(bench.model_config_from_preset("tiny", {}).__dict__)
+  b, l = 8, 16
+  ceiling = ctx.ceilings.flops_per_s("float32")
+  for r in results:
+    m = r.metrics
+    assert len(r.times_s) == 2 and len(r.warmup_s) == 1 and r.median_s > 0
+    assert m["achieved_flops_per_s"] == pytest.approx(m["flops_per_step"] / r.median_s / jax.device_count())
+    assert m["mfu"] == pytest.approx(m["achieved_flops_per_s"] / ceiling) and m["mfu"] > 0
+    assert np.isfinite(m["loss"]) and m["compile_s"] > 0
+  pre = rows["tiny/float32/pretrain"]
+  assert pre.metrics["flops_per_step"] == metrics.lm_step_flops(cfg, batch_size=b, seq_len=l)
+  assert pre.metrics["tokens_per_s"] == pytest.approx(b * l / pre.median_s)
+  online, precomputed = rows["tiny/float32/vrpo/n2/online"], rows["tiny/float32/vrpo/n2/precomputed"]
+  for r, is_pre in ((online, False), (precomputed, True)):
+    expected = metrics.vrpo_step_flops(cfg, n_pairs=b, seq_len=l, n_timesteps=2, masks_per_timestep=1,
+                                       reference_precomputed=is_pre).total
+    assert r.metrics["flops_per_step"] == expected
+    assert r.metrics["tokens_per_s"] == pytest.approx(2 * b * l / r.median_s)  # chosen and rejected rows
+    assert r.metrics["model_tokens_per_s"] == pytest.approx(2 * 2 * b * l / r.median_s)  # 2n noised copies
+    assert r.settings["n"] == 2 and r.settings["grad_accum_steps"] == 1
+  # Without the reference forward a step is 3 policy passes instead of 4.
+  assert precomputed.metrics["flops_per_step"] * 4 == online.metrics["flops_per_step"] * 3
+  assert precomputed.metrics["step_time_vs_online"] == pytest.approx(precomputed.median_s / online.median_s)
+  assert online.metrics["step_time_vs_online"] == 1.0
+  assert precomputed.metrics["reference_precompute_s"] > 0
+  table = bench.format_table("train_step", results)
+  assert "MFU" in table and "precomputed" in table and "vs online" in table
+
+
+def test_micro_batches_keep_within_the_token_budget():
+  args = bench.parse_args(["--max_micro_batch_tokens", "8192"])
+  ref = bench.SIZES["ref35m"]  # 8 pairs of 256 tokens
+  assert bench.grad_accum_steps(args, "pretrain", ref, 1, shards=1) == 1
+  assert bench.grad_accum_steps(args, "vrpo", ref, 1, shards=1) == 1  # 16 rows x 256 = 4096 tokens
+  assert bench.grad_accum_steps(args, "vrpo", ref, 8, shards=1) == 4  # 128 rows -> 4 x 32 rows
+  assert bench.grad_accum_steps(args, "vrpo", ref, 8, shards=4) == 2  # micro-batches split over 4 shards
+  args.grad_accum_steps = 2
+  assert bench.grad_accum_steps(args, "vrpo", ref, 8, shards=1) == 2  # an explicit count wins
+
+
+def test_elbo_rows():
+  ctx = bench.Context(bench.parse_args([*STEP_FLAGS, "--mc_num", "8,16", "--elbo_batch_size", "8",
+                                        "--elbo_sequences", "3"]))
+  results = bench.bench_elbo(ctx)
+  assert [r.name for r in results] == ["tiny/float32/mc8", "tiny/float32/mc16"]
+  for r, mc_num in zip(results, (8, 16)):
+    m = r.metrics
+    assert r.settings["sequences"] == 3 and r.settings["padded_length"] == 16
+    assert m["sequences_per_s"] == pytest.approx(3 / r.median_s)
+    assert m["forward_tokens_per_s"] == pytest.approx(3 * mc_num * 16 / r.median_s)
+    assert m["mfu"] == pytest.approx(m["achieved_flops_per_s"] / ctx.ceilings.flops_per_s("float32"))
+    assert np.isfinite(m["mean_elbo"]) and m["mean_elbo"] < 0  # a log-likelihood bound
+
+
+def test_cli_report_holds_the_ceilings(tmp_path, cheap_steps):
+  out = tmp_path / "bench.json"
+  argv = ["--only", "ceiling,train_step", *STEP_FLAGS, "--objectives", "sft", "--output", str(out)]
+  assert bench.main(argv) == 0
+  report = json.loads(out.read_text())
+  assert [r["section"] for r in report["results"]] == ["ceiling", "ceiling", "train_step"]
+  assert set(report["ceilings"]) == {"float32"}
+  step = report["results"][-1]
+  assert step["metrics"]["ceiling_gflops_per_s"] == pytest.approx(report["ceilings"]["float32"] / 1e9)
+  assert step["settings"]["objective"] == "sft" and step["settings"]["attention_impl"] == "auto"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "huge"], "--size=huge"),
+    (["--dtype", "float64"], "--dtype=float64"),
+])
+def test_bad_sizes_are_usage_errors(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(argv)
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "train_step", "--size", "tiny", "--objectives", "dpo"], "--objectives=dpo"),
+    (["--only", "train_step", "--size", "tiny", "--reference", "cached"], "--reference=cached"),
+    (["--only", "train_step", "--size", "tiny", "--vrpo_n", "0"], "--vrpo_n=[0]"),
+    (["--only", "elbo", "--size", "tiny", "--mc_num", "12", "--elbo_batch_size", "8"], "mc_num=12"),
+])
+def test_bad_section_flags_fail_with_a_message(argv, message, capsys):
+  assert bench.main(argv) == 1
+  assert message in capsys.readouterr().err

@@ -61,7 +61,7 @@ def one_step(config, mesh_config, devices, batch, grad_accum_steps=1):
   batch_sh = sharding.batch_sharding(mesh, rules)
   step = trainer.jit_train_step(
       trainer.make_train_step(objective, tx, grad_accum_steps=grad_accum_steps), state_sh, batch_sh, mesh,
-      reference_sh)
+      reference_sh, rules=rules)
   init_params = jax.device_get(state.params)  # the state is donated to the step
   new_state, metrics = step(state, sharding.global_batch(batch, batch_sh), jax.random.key(2), reference)
   return new_state, jax.device_get(metrics), init_params
@@ -295,3 +295,28 @@ def test_two_processes_equal_one_process_with_four_devices(corpus, tmp_path):
   cfg = train_fixtures.make_config(corpus, tmp_path / "one", "sft")
   chex.assert_trees_all_close(_final_params(tmp_path / "two", cfg), _final_params(tmp_path / "one", cfg),
                               rtol=1e-5, atol=1e-6)
+
+
+def test_step_applies_the_models_activation_constraints(corpus, tmp_path):
+  """Without the mesh and rules in the trace, `nn.with_logical_constraint` is a no-op and XLA is
+  free to shard activations like the weights (terabytes per device at 8B)."""
+  config = train_fixtures.make_config(corpus, tmp_path, "sft")
+  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  tx = optim.make_optimizer(config.optimizer)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, jax.devices())
+  rules = sharding.rules_from_config(config.sharding_rules)
+  abstract_state, state_sh = trainer.state_shardings(model_cfg, tx, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  batch = synthetic_batch("sft", config.model.vocab_size)
+  batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sh) for k, v in batch.items()}
+  step = trainer.make_train_step(trainer.make_objective(config, model_cfg), tx)
+
+  def constraints(**kw):
+    lowered = trainer.jit_train_step(step, state_sh, batch_sh, mesh, **kw).lower(
+        abstract_state, batch, jax.random.key(0), None)
+    return [l for l in lowered.as_text().splitlines() if "sharding_constraint" in l]
+
+  assert not constraints()
+  found = constraints(rules=rules)
+  # Activations [batch, ...] are constrained to batch over data x fsdp.
+  assert any('[{"data", "fsdp"}' in l for l in found), found[:3]

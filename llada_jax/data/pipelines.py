@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from etils import epath
 
 from llada_jax.data import sources
 from llada_jax.data.errors import DataError
@@ -78,20 +79,33 @@ def canonical_kind(kind: str) -> str:
   return KINDS[kind]
 
 
+def _glob(pattern: str) -> list[str]:
+  """Sorted matches of a local or remote (gs://...) pattern; remote ones through etils.epath."""
+  if "://" not in pattern:
+    return sorted(glob.glob(pattern))
+  parts = pattern.split("/")
+  first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  root = epath.Path("/".join(parts[:first]))
+  return sorted(os.fspath(p) for p in root.glob("/".join(parts[first:])))
+
+
 def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-  """A file, a list of files, or glob patterns -> sorted existing paths (patterns expanded)."""
+  """A file, a list of files, or glob patterns -> sorted existing paths (patterns expanded).
+
+  Paths may be local or remote (`gs://bucket/train-*.jsonl`).
+  """
   if isinstance(files, (str, os.PathLike)):
     files = [files]
   paths = []
   for f in files:
     f = os.fspath(f)
     if glob.has_magic(f):
-      matches = sorted(glob.glob(f))
+      matches = _glob(f)
       if not matches:
         raise DataError("no file matches this pattern; expected at least one", path=f)
       paths.extend(matches)
     else:
-      if not os.path.isfile(f):
+      if not epath.Path(f).is_file():
         raise DataError("file not found; expected an existing data file", path=f)
       paths.append(f)
   if not paths:

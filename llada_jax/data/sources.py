@@ -23,6 +23,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 from llada_jax.data.errors import DataError
 from llada_jax.data.tokenizer import CHAT_ROLES, Tokenizer
@@ -42,7 +43,7 @@ def is_array_record(path: str | os.PathLike) -> bool:
 
 
 def _check_exists(path: str) -> None:
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise DataError("file not found; expected an existing data file", path=path)
 
 
@@ -64,7 +65,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, object) for each non-blank line of a JSONL file."""
   path = os.fspath(path)
   _check_exists(path)
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:  # local or gs://
     for line_number, raw in enumerate(f, start=1):
       if not raw.strip():
         continue
@@ -102,7 +103,7 @@ def iter_text_documents(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
   _check_exists(path)
   lines: list[str] = []
   start = 0
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:  # local or gs://
     for line_number, raw in enumerate(f, start=1):
       try:
         line = raw.decode("utf-8")
@@ -310,6 +311,10 @@ class ArrayRecordRowSource:
     import grain
 
     self.files = [os.fspath(f) for f in files]
+    for path in self.files:
+      if "://" in path:
+        raise DataError("ArrayRecord files are read by a C++ reader that needs a local path; expected a local "
+                        "file (copy it to local disk, or mount the bucket with gcsfuse)", path=path)
     self.seq_len = seq_len
     # Only the ints are kept, so the source stays small when pickled to worker processes.
     self.vocab_size, self.mask_id = tokenizer.vocab_size, tokenizer.mask_id

@@ -1,0 +1,56 @@
+"""LLaDA 1.5: VRPO on LLaDA-8B-Instruct, the paper's recipe (REFERENCE section 5).
+
+  --config=configs/llada_8b_vrpo.py:v5p     FSDP over every chip of a v5p slice (the default)
+  --config=configs/llada_8b_vrpo.py:h100x8  8-GPU nodes: FSDP over all GPUs of all nodes
+
+Recipe: policy and frozen reference both LLaDA-8B-Instruct; 350K preference pairs, 1 epoch, global
+batch 64 pairs; AdamW (weight decay 0.01, betas 0.9/0.95), lr 5e-7 after 15 warmup steps, cosine
+decay; beta 0.2; budget n = 8 spent as n_t = 8 timesteps x 1 mask, antithetic sampling, the l/L
+estimator; plus 0.05 x the SFT loss on the chosen responses.
+
+Sequence length: the paper packs several pairs into each 4096-token row; here every pair has its
+own row, padded to `data.seq_len` = 2048 (longer pairs are skipped). Each pair runs 2 x 8 noised
+copies through the policy (and the reference), so a step costs as much as SFT on 16x the rows:
+at 4096 tokens one pair per device does not fit in 95 GB (`python -m llada_jax.plan`, see
+launch/README.md); use a `tensor` axis and `grad_accum_steps` for longer rows.
+Set `data.train_files`, `data.tokenizer`, `checkpoint.init_from` (the Instruct weights; also the
+reference) and `workdir` on the command line.
+"""
+
+import math
+import pathlib
+
+from llada_jax import config_lib, optim
+
+sft = config_lib.load_config_module(pathlib.Path(__file__).with_name("llada_8b_sft.py"))
+
+VRPO_PAIRS, VRPO_EPOCHS, VRPO_BATCH = 350_000, 1, 64
+
+
+def get_config(variant: str = "v5p"):
+  c = config_lib.base_config()
+  sft.apply_platform(c, variant, "configs/llada_8b_vrpo.py")
+  if variant == "h100x8":
+    # 2 x 8 noised copies per pair leave no room for a node's share of the weights (fsdp=8 needs
+    # about 87 GB a GPU): FSDP over all GPUs instead, its all-gathers spread over a long step.
+    c.mesh.data, c.mesh.fsdp = 1, -1
+  c.objective = "vrpo"
+  c.total_steps = math.ceil(VRPO_PAIRS * VRPO_EPOCHS / VRPO_BATCH)  # 5,469
+  c.data.seq_len = 2048
+  c.data.global_batch_size = VRPO_BATCH
+  c.data.num_epochs = VRPO_EPOCHS
+  c.data.chat_template = True
+  c.data.on_too_long = "skip"
+  c.vrpo.beta = 0.2
+  c.vrpo.n_timesteps = 8
+  c.vrpo.masks_per_timestep = 1
+  c.vrpo.antithetic = True
+  c.vrpo.estimator = "l_over_L"
+  c.vrpo.sft_weight = 0.05
+  c.optimizer = optim.default_optimizer_config("vrpo")  # cosine, lr 5e-7, warmup 15, wd 0.01, betas 0.9/0.95
+  c.optimizer.total_steps = c.get_ref("total_steps")
+  c.checkpoint.every_steps = 250
+  c.checkpoint.max_to_keep = 3
+  c.logging.every_steps = 5
+  c.logging.progress_bar = False
+  return c

@@ -1,0 +1,287 @@
+"""VRPO reference ELBOs computed ahead of time (`config.vrpo.precompute_reference = True`).
+
+The frozen reference's estimates B_ref(y_w), B_ref(y_l) depend on the data and on the keys, never
+on the policy. Every key is derived: the train step's key is fold_in(root, step) and each example
+draws from fold_in(step key, example_id) (`vrpo.VRPOLoss`). So all the reference ELBOs of a run
+can be computed before it, with exactly the keys the step will use, and handed to the step in the
+batch ('reference_chosen_elbo', 'reference_rejected_elbo'). The step then runs the policy only and
+never holds, shards or reads the reference weights.
+
+The draws depend on the step as well as on the example (an example met again in a later epoch
+gets new masks), so the table is keyed by (step, example_id). It is built by replaying the run's
+data pipeline, which is deterministic (seeded shuffle, epochs, global batch), over the steps
+[0, total_steps): step s holds the examples of the s-th global batch. Which process or micro-batch
+an example lands in does not matter, since its draws depend only on (step, example_id).
+
+The cost is the online step's reference forward pass, paid once before training and without
+gradients, so a table serves every run that changes only the policy side (learning rate, beta,
+sft_weight). The file (`.npz`: steps, example_ids, chosen, rejected, and a JSON `metadata` of
+everything the values depend on) is reused when its metadata match the run, refused with the
+differing fields named when they do not, and never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from llada_jax import sharding, trainer, vrpo
+
+REFERENCE_CHOSEN = "reference_chosen_elbo"
+REFERENCE_REJECTED = "reference_rejected_elbo"
+PAIR_KEYS = ("chosen", "rejected", "prompt_lengths", "chosen_lengths", "rejected_lengths", "example_id")
+FORMAT = 1
+DEFAULT_FILENAME = "reference_elbos.npz"
+# Model fields that change speed or memory, not the values: a table stays valid across them.
+_NUMERICS_FREE_FIELDS = ("remat", "scan_layers")
+
+
+def _codes(steps, example_ids) -> np.ndarray:
+  """One sortable int64 per (step, example_id)."""
+  steps = np.asarray(steps, np.int64)
+  ids = np.asarray(example_ids, np.int64)
+  if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+    raise ValueError(f"example_id values in [{ids.min()}, {ids.max()}]: expected ids in [0, 2**32)")
+  return (steps << 32) | ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceELBOs:
+  """The reference ELBOs of a run, one per (step, example_id), with what they were computed for."""
+
+  steps: np.ndarray  # int64 [N]
+  example_ids: np.ndarray  # int64 [N]
+  chosen: np.ndarray  # float32 [N]: B_ref(y_w)
+  rejected: np.ndarray  # float32 [N]: B_ref(y_l)
+  metadata: dict[str, Any]
+  source: str = "<memory>"  # the file, for error messages
+
+  def __post_init__(self):
+    n = len(self.steps)
+    if not all(len(a) == n for a in (self.example_ids, self.chosen, self.rejected)):
+      raise ValueError(f"{self.source}: steps, example_ids, chosen and rejected: expected arrays of one length")
+    codes = _codes(self.steps, self.example_ids)
+    # An example twice in one global batch (a batch across an epoch boundary) had the same keys:
+    # its entries are equal, and the first is kept.
+    codes, first = np.unique(codes, return_index=True)
+    object.__setattr__(self, "_sorted_codes", codes)
+    object.__setattr__(self, "_rows", first)
+
+  def __len__(self) -> int:
+    return len(self._sorted_codes)
+
+  def lookup(self, step: int, example_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) float32 for the given examples of `step`."""
+    ids = np.asarray(example_ids).reshape(-1)
+    want = _codes(np.full(ids.shape, step), ids)
+    at = np.minimum(np.searchsorted(self._sorted_codes, want), max(len(self._sorted_codes) - 1, 0))
+    found = self._sorted_codes[at] == want if len(self._sorted_codes) else np.zeros(ids.shape, bool)
+    if not found.all():
+      missing = int(ids[~found][0])
+      raise ValueError(f"{self.source}: no reference ELBO for step {step}, example_id {missing} (the table holds "
+                       f"{len(self)} entries for steps [0, {self.metadata.get('steps')})); expected a table computed "
+                       "for this run's data, seed and batch size: delete the file to recompute it")
+    rows = self._rows[at]
+    return self.chosen[rows].astype(np.float32), self.rejected[rows].astype(np.float32)
+
+  def attach(self, batch: Mapping[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+    """The batch of `step` with its reference ELBOs added under the keys `vrpo.VRPOLoss` reads."""
+    chosen, rejected = self.lookup(step, batch["example_id"])
+    return {**batch, REFERENCE_CHOSEN: chosen, REFERENCE_REJECTED: rejected}
+
+  def save(self, path) -> None:
+    """Written to a temporary file and renamed: an interrupted save leaves no partial table."""
+    path = epath.Path(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, steps=self.steps.astype(np.int64), example_ids=self.example_ids.astype(np.int64),
+             chosen=self.chosen.astype(np.float32), rejected=self.rejected.astype(np.float32),
+             metadata=np.asarray(json.dumps(self.metadata, sort_keys=True)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp"
+    tmp.write_bytes(buffer.getvalue())
+    tmp.rename(path)
+
+  @classmethod
+  def load(cls, path) -> "ReferenceELBOs":
+    path = epath.Path(path)
+    try:
+      with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
+        arrays = {k: f[k] for k in ("steps", "example_ids", "chosen", "rejected", "metadata")}
+    except (KeyError, ValueError, OSError) as e:
+      raise ValueError(f"{path}: expected a reference-ELBO table (.npz with steps, example_ids, chosen, rejected, "
+                       f"metadata): {e}") from e
+    metadata = json.loads(str(arrays.pop("metadata")))
+    return cls(**{k: np.asarray(v) for k, v in arrays.items()}, metadata=metadata, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Computing a table.
+
+
+def reference_elbo_fn(loss: vrpo.VRPOLoss, *, micro_batches: int = 1) -> Callable:
+  """`(reference_params, batch, root_key, step) -> (chosen [B], rejected [B])`, the step's own draws.
+
+  With `micro_batches` > 1 the batch is evaluated in that many pieces, split as the train step
+  splits it; the values do not change (each example draws from its own key).
+  """
+
+  def fn(reference_params, batch, root_key, step):
+    key = jax.random.fold_in(root_key, step)
+    if micro_batches == 1:
+      return loss.reference_elbos(reference_params, batch, key)
+    micro = trainer.split_micro_batches(batch, micro_batches)
+    chosen, rejected = jax.lax.map(lambda mb: loss.reference_elbos(reference_params, mb, key), micro)
+    # Undo the split: micro-batch a held rows a, a + n, a + 2n, ...
+    return tuple(jnp.swapaxes(x, 0, 1).reshape(-1) for x in (chosen, rejected))
+
+  return fn
+
+
+def _gather(x) -> np.ndarray:
+  """A global array as a NumPy array on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def compute(loss: vrpo.VRPOLoss, reference_params, batches: Iterable[Mapping[str, np.ndarray]], root_key, *,
+            batch_sharding, reference_shardings=None, num_steps: int, micro_batches: int = 1,
+            rules=None, metadata: Mapping[str, Any] | None = None) -> ReferenceELBOs:
+  """The reference ELBOs of steps 0, 1, ..., num_steps - 1, the s-th batch of `batches` being step s's.
+
+  `batches` yields each process's rows of the global batch, as the training loop reads them;
+  iteration stops early when they run out (so does training). Every process gets the whole table.
+  With the logical-axis `rules`, activations are constrained as in the train step.
+  """
+  if isinstance(loss, trainer.Objective):
+    loss = loss.loss_fn
+  if not isinstance(loss, vrpo.VRPOLoss):
+    raise ValueError(f"reference ELBOs: expected a vrpo.VRPOLoss, got {type(loss).__name__}")
+  replicated = sharding.replicated(batch_sharding.mesh)
+  fn = reference_elbo_fn(loss, micro_batches=micro_batches)
+  if rules is not None:
+    fn = trainer.with_activation_rules(fn, batch_sharding.mesh, rules)
+  fn = jax.jit(fn,
+               in_shardings=(reference_shardings, batch_sharding, replicated, replicated),
+               out_shardings=(batch_sharding, batch_sharding))
+  steps, ids, chosen, rejected = [], [], [], []
+  iterator = iter(batches)
+  exhausted = False
+  start = time.perf_counter()
+  for step in range(num_steps):
+    try:
+      local = next(iterator)
+    except StopIteration:
+      exhausted = True
+      break
+    batch = sharding.global_batch({k: local[k] for k in PAIR_KEYS}, batch_sharding)
+    c, r = fn(reference_params, batch, root_key, jnp.int32(step))
+    batch_ids = _gather(batch["example_id"])
+    ids.append(batch_ids.astype(np.int64))
+    steps.append(np.full(batch_ids.shape, step, np.int64))
+    chosen.append(_gather(c))
+    rejected.append(_gather(r))
+    if (step + 1) % 100 == 0:
+      logging.info("Reference ELBOs: %d of %d steps (%.0f s)", step + 1, num_steps, time.perf_counter() - start)
+  done = len(steps)
+  meta = {**(metadata or {}), "steps": done, "exhausted": exhausted}
+  cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros((0,), dtype)  # noqa: E731
+  return ReferenceELBOs(cat(steps, np.int64), cat(ids, np.int64), cat(chosen, np.float32),
+                        cat(rejected, np.float32), meta)
+
+
+# --------------------------------------------------------------------------------------------
+# A training run's table.
+
+
+def reference_source(config) -> str:
+  return config.checkpoint.reference_from or config.checkpoint.init_from
+
+
+def run_metadata(config, loss: vrpo.VRPOLoss) -> dict[str, Any]:
+  """Everything a run's reference ELBOs depend on (not the policy side: lr, beta, sft_weight)."""
+  vcfg = loss.config
+  model = {k: v for k, v in config.model.to_dict().items() if k not in _NUMERICS_FREE_FIELDS}
+  data = {k: config.data[k] for k in ("train_files", "tokenizer", "seq_len", "global_batch_size", "shuffle",
+                                      "num_epochs", "chat_template", "on_too_long", "seed")}
+  meta = {
+      "format": FORMAT,
+      "seed": config.seed,
+      "estimator": {"n_timesteps": vcfg.n_timesteps, "masks_per_timestep": vcfg.masks_per_timestep,
+                    "antithetic": vcfg.antithetic, "estimator": vcfg.estimator, "stratified": vcfg.stratified,
+                    "eps": vcfg.eps},
+      "reference": {"from": reference_source(config), "step": config.checkpoint.init_step},
+      "model": model,
+      "data": data,
+  }
+  return json.loads(json.dumps(meta, default=list))  # tuples -> lists, as read back from the file
+
+
+def _differences(saved: Mapping, wanted: Mapping, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(wanted)):
+    a, b = saved.get(key), wanted.get(key)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += _differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: file {a!r}, run {b!r}")
+  return out
+
+
+def check_matches(table: ReferenceELBOs, config, loss: vrpo.VRPOLoss) -> None:
+  """Raises ValueError unless `table` was computed for this run and covers its steps."""
+  wanted = run_metadata(config, loss)
+  saved = {k: v for k, v in table.metadata.items() if k not in ("steps", "exhausted")}
+  diffs = _differences(saved, wanted)
+  if diffs:
+    raise ValueError(f"{table.source}: the reference ELBOs were computed for another run ({'; '.join(diffs)}); "
+                     "expected a table for this run: delete it, or set config.vrpo.reference_elbos_file to a new path")
+  covered = int(table.metadata.get("steps", 0))
+  if covered < config.total_steps and not table.metadata.get("exhausted"):
+    raise ValueError(f"{table.source}: the table covers steps [0, {covered}), the run needs "
+                     f"config.total_steps={config.total_steps}; expected a table for the whole run: delete it to "
+                     "recompute")
+
+
+def table_path(config) -> epath.Path:
+  path = config.vrpo.get("reference_elbos_file", "")
+  return epath.Path(path) if path else epath.Path(config.workdir) / DEFAULT_FILENAME
+
+
+def load_or_compute(config, loss: vrpo.VRPOLoss, *, root_key, batch_sharding, reference_shardings,
+                    make_batches: Callable[[], Iterable], load_reference: Callable[[], Any]) -> ReferenceELBOs:
+  """The run's table: read from `table_path(config)` if there, else computed (and saved by process 0).
+
+  `make_batches()` is a fresh data iterator positioned at step 0; `load_reference()` the reference
+  parameters, placed on `reference_shardings`. Neither is called when the file exists.
+  """
+  path = table_path(config)
+  if path.exists():
+    table = ReferenceELBOs.load(path)
+    check_matches(table, config, loss)
+    logging.info("Reference ELBOs: %d entries read from %s", len(table), path)
+    return table
+  start = time.perf_counter()
+  reference_params = load_reference()
+  table = compute(loss, reference_params, make_batches(), root_key, batch_sharding=batch_sharding,
+                  reference_shardings=reference_shardings, num_steps=config.total_steps,
+                  micro_batches=config.grad_accum_steps, rules=sharding.rules_from_config(config.sharding_rules),
+                  metadata=run_metadata(config, loss))
+  del reference_params
+  table = dataclasses.replace(table, source=str(path))
+  if jax.process_index() == 0:
+    table.save(path)
+  logging.info("Reference ELBOs: %d entries for %d steps computed in %.1f s, saved to %s", len(table),
+               table.metadata["steps"], time.perf_counter() - start, path)
+  return table

@@ -1,0 +1,178 @@
+"""Ahead-of-time planning: the train step compiled from abstract arrays, memory and time estimates."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from llada_jax import config_lib, metrics, model as model_lib, plan
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LLADA_8B_PARAMS = 8_015_581_184
+
+
+def tiny_config(objective="sft", **mesh):
+  c = config_lib.base_config()
+  c.workdir = "unused"
+  c.objective = objective
+  c.data.seq_len = 16
+  c.data.global_batch_size = 8
+  c.optimizer.warmup_steps = 2
+  c.vrpo.n_timesteps = 2
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh.get("data", 1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
+  return c
+
+
+def test_plan_numbers_are_consistent_with_the_shardings_and_the_flop_count():
+  assert jax.device_count() == 8
+  config = tiny_config("sft", fsdp=8)
+  p = plan.make_plan(config, accelerators=("v5p", "h100"), assumed_mfu=0.5)
+  mem, comp = p["memory_per_device_bytes"], p["compiled_memory_per_device_bytes"]
+  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+
+  assert p["n_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and p["batch_shards"] == 8
+  # Every tiny parameter has an `embed` axis (32, divisible by 8) mapped to fsdp: an exact eighth each.
+  assert p["params_bytes_total"] == 4 * model_cfg.num_params()
+  assert mem["params"] * 8 == p["params_bytes_total"]
+  # Adam's two moments follow the parameters; the rest of the optimizer state is a few scalars.
+  assert 0 <= mem["opt_state"] - 2 * mem["params"] <= 64
+  assert mem["reference_params"] == 0 and mem["analytic_total"] == mem["params"] + mem["opt_state"]
+  # The compiled program's arguments are exactly the shards the analytic count adds up, and the
+  # donated state (all but the batch and key) is aliased to the outputs.
+  assert comp["argument"] == mem["analytic_arguments"]
+  assert comp["alias"] == mem["params"] + mem["opt_state"] + mem["state_counters"]
+  assert comp["peak_estimate"] == comp["argument"] + comp["output"] - comp["alias"] + comp["temp"]
+
+  flops = metrics.lm_step_flops(model_cfg, batch_size=8, seq_len=16)
+  assert p["flops_per_step"] == flops and p["flops_per_device_per_step"] == flops / 8
+  v5p = p["accelerators"]["v5p"]
+  assert v5p["step_time_s_at_100pct_mfu"] == pytest.approx(flops / (8 * 459e12))
+  assert v5p["step_time_s_at_assumed_mfu"] == pytest.approx(flops / (8 * 459e12 * 0.5))
+  assert v5p["tokens_per_s_at_assumed_mfu"] == pytest.approx(8 * 16 / v5p["step_time_s_at_assumed_mfu"])
+  assert v5p["fits"] and v5p["hbm_fraction"] == pytest.approx(comp["peak_estimate"] / 95e9)
+  assert p["accelerators"]["h100"]["peak_bf16_flops_per_device"] == pytest.approx(989.5e12)
+  text = plan.format_plan(p)
+  assert "TPU v5p" in text and "H100 SXM" in text and "fits" in text
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused_before_compiling():
+  config = tiny_config("sft", fsdp=8)
+  config.data.global_batch_size = 12
+  with pytest.raises(ValueError, match=r"global_batch_size=12.*8 batch shards"):
+    plan.make_plan(config)
+
+
+def test_an_unknown_accelerator_is_named():
+  with pytest.raises(ValueError, match="tpu9"):
+    plan.accelerator_estimate("tpu9", flops_per_step=1.0, n_devices=1, tokens_per_step=1, peak_bytes=None,
+                              assumed_mfu=0.4)
+
+
+CLI_CONFIG = """
+from llada_jax import config_lib
+
+def get_config(mesh="4"):
+  c = config_lib.base_config()
+  c.objective = "vrpo"
+  c.data.seq_len = 16
+  c.data.global_batch_size = 4
+  c.optimizer.warmup_steps = 2
+  c.vrpo.n_timesteps = 1
+  c.vrpo.sft_weight = 0.0
+  c.mesh.data, c.mesh.fsdp = 1, int(mesh)
+  return c
+"""
+
+
+def test_cli_sets_up_its_own_devices_and_writes_json(tmp_path):
+  cfg = tmp_path / "tiny_vrpo.py"
+  cfg.write_text(CLI_CONFIG)
+  out = tmp_path / "plan.json"
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", f"--config={cfg}:2", "--devices=2",
+                         "--accelerator=v5e,a100", f"--out={out}", "--config.vrpo.beta=0.1"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  p = json.loads(out.read_text())
+  assert p["n_devices"] == 2 and p["platform"] == "cpu" and p["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  mem = p["memory_per_device_bytes"]
+  # The frozen reference is sharded like the policy.
+  assert mem["reference_params"] == mem["params"] > 0
+  assert p["compiled_memory_per_device_bytes"]["argument"] == mem["analytic_arguments"]
+  assert set(p["accelerators"]) == {"v5e", "a100"}
+  assert "TPU v5e" in proc.stdout and "A100" in proc.stdout
+
+
+def test_cli_requires_devices():
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", "--config=configs/llada_8b_sft.py"], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0 and "--devices" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["llada_8b_sft", "llada_8b_vrpo"])
+@pytest.mark.parametrize("variant", ["v5p", "h100x8"])
+def test_8b_recipes_follow_the_paper(name, variant):
+  c = config_lib.load_config_file(REPO / "configs" / f"{name}.py", variant)
+  model_cfg = model_lib.ModelConfig.from_dict(c.model)
+  assert model_cfg.num_params() == LLADA_8B_PARAMS
+  assert (c.model.dtype, c.model.param_dtype, c.model.remat, c.model.scan_layers) == ("bfloat16", "float32", "full",
+                                                                                       True)
+  assert c.optimizer.total_steps == c.total_steps
+  if name == "llada_8b_sft":
+    assert (c.objective, c.data.global_batch_size, c.data.num_epochs) == ("sft", 256, 3)
+    assert (c.optimizer.schedule, c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.final_lr) == (
+        "sft", 2.5e-5, 50, 2.5e-6)
+    assert c.optimizer.weight_decay == 0.1 and c.total_steps == -(-4_500_000 * 3 // 256)
+  else:
+    assert (c.objective, c.data.global_batch_size, c.data.num_epochs) == ("vrpo", 64, 1)
+    assert (c.optimizer.schedule, c.optimizer.lr, c.optimizer.warmup_steps) == ("cosine", 5e-7, 15)
+    assert (c.optimizer.weight_decay, c.optimizer.b1, c.optimizer.b2) == (0.01, 0.9, 0.95)
+    assert (c.vrpo.beta, c.vrpo.n_timesteps, c.vrpo.masks_per_timestep, c.vrpo.antithetic, c.vrpo.sft_weight) == (
+        0.2, 8, 1, True, 0.05)
+    assert c.total_steps == -(-350_000 // 64)
+  per_node = variant == "h100x8" and name == "llada_8b_sft"  # VRPO needs FSDP over every GPU
+  assert dict(c.mesh) == ({"data": -1, "fsdp": 8, "tensor": 1, "dcn_data": 1} if per_node
+                          else {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1})
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="tpu9.*v5p"):
+    config_lib.load_config_file(REPO / "configs" / "llada_8b_vrpo.py", "tpu9")
+
+
+# --------------------------------------------------------------------------------------------
+# The 8B recipes on 64 devices, compiled ahead of time on fake CPU devices (about 15-60 s each).
+
+MESHES = {
+    "fsdp64": ["--config.mesh.fsdp=64"],
+    "fsdp16_tensor4": ["--config.mesh.fsdp=16", "--config.mesh.tensor=4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["llada_8b_sft", "llada_8b_vrpo"])
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_8b_step_compiles_for_64_devices_and_fits_v5p_and_h100(recipe, mesh, tmp_path):
+  out = tmp_path / "plan.json"
+  extra = list(MESHES[mesh])
+  if recipe == "llada_8b_vrpo" and mesh == "fsdp16_tensor4":
+    extra.append("--config.grad_accum_steps=4")  # 16 batch shards: 4 micro-batches of one pair per shard
+  # The model's activation constraints must be in effect: without them XLA shards activations along
+  # `embed` and a step needs terabytes per device.
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", f"--config=configs/{recipe}.py:v5p", "--devices=64",
+                         "--accelerator=v5p,h100", f"--out={out}", *extra], cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print(proc.stdout)
+  p = json.loads(out.read_text())
+  assert p["n_params"] == LLADA_8B_PARAMS and p["n_devices"] == 64
+  mem = p["memory_per_device_bytes"]
+  # float32 weights split 64 ways (norm weights are not split over `tensor`: a few KB more).
+  assert 0 <= mem["params"] - p["params_bytes_total"] / 64 < 1e6
+  assert p["compiled_memory_per_device_bytes"]["argument"] == mem["analytic_arguments"]
+  if recipe == "llada_8b_vrpo":
+    assert mem["reference_params"] == mem["params"]
+  for name in ("v5p", "h100"):
+    assert p["accelerators"][name]["fits"], (name, p["compiled_memory_per_device_bytes"])
