@@ -179,12 +179,7 @@ def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: in
   rules = sharding.rules_from_config(config.sharding_rules)
   abstract_state, state_sh = trainer.state_shardings(model_cfg, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh, rules)
-  shards = sharding.batch_shards(batch_sh)
-  micro = config.data.global_batch_size // config.grad_accum_steps
-  if micro % shards:
-    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size}: each of the "
-                     f"{config.grad_accum_steps} micro-batches must split evenly over the {shards} batch shards of "
-                     f"the mesh {dict(mesh.shape)}")
+  trainer.checked_batch_shards(config, mesh, batch_sh)
 
   if data_iterator is None:
     data_iterator = make_data_iterator(config, model_cfg)

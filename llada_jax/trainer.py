@@ -80,6 +80,17 @@ def _boxed_state_fn(model_cfg, tx):
   return init
 
 
+def checked_batch_shards(config, mesh, batch_sh) -> int:
+  """How many shards a batch splits into; an error naming the config if a micro-batch cannot split."""
+  shards = sharding.batch_shards(batch_sh)
+  micro = config.data.global_batch_size // config.grad_accum_steps
+  if micro % shards:
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size}: each of the "
+                     f"{config.grad_accum_steps} micro-batches must split evenly over the {shards} batch shards of "
+                     f"the mesh {dict(mesh.shape)}")
+  return shards
+
+
 def state_shardings(model_cfg, tx, mesh, rules):
   """(abstract state with shardings, NamedSharding pytree) without allocating anything."""
   init = _boxed_state_fn(model_cfg, tx)
