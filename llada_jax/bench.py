@@ -279,7 +279,7 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--num_examples", type=int, default=64, help="examples of --task_data to score")
   g.add_argument("--eval_batch_size", type=int, default=8)
   g.add_argument("--chat_template", action="store_true", help="wrap task prompts in the chat template")
-  g.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's data.tokenizer)")
+  g.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer.json or a directory with one (default: the run's data.tokenizer)")
 
 
 def random_prompts(model_cfg: model_lib.ModelConfig, batch: int, length: int, seed: int) -> np.ndarray:

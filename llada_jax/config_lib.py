@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train_files = ()  # text / JSONL / ArrayRecord files (tuple of paths or globs)
-  c.data.tokenizer = ""  # sentencepiece .model path
+  c.data.tokenizer = ""  # sentencepiece .model, Hugging Face tokenizer.json, or a directory with one
   c.data.seq_len = 64
   c.data.global_batch_size = 8
   c.data.shuffle = True

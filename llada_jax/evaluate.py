@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--task", required=True, choices=tasks_lib.TASKS)
   p.add_argument("--data", required=True, help="JSONL file (plain text also accepted for ppl)")
-  p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's data.tokenizer)")
+  p.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer.json or a directory with one (default: the run's data.tokenizer)")
   p.add_argument("--chat_template", choices=("auto", "true", "false"), default="auto",
                  help="wrap prompts in the chat template; auto: as the run trained (never for pretraining)")
   p.add_argument("--append_eos", action="store_true", help="score answers followed by EOS (likelihood tasks)")

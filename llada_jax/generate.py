@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", action="append", help="prompt text; repeat for several")
   source.add_argument("--input", help="JSONL file whose lines have a 'prompt' field")
-  p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's data.tokenizer)")
+  p.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer.json or a directory with one (default: the run's data.tokenizer)")
   p.add_argument("--chat_template", action="store_true", help="wrap each prompt in the chat template")
   p.add_argument("--gen_length", type=int, default=128)
   p.add_argument("--block_length", type=int, default=None, help="default: gen_length")

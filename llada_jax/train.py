@@ -51,7 +51,7 @@ def make_data_iterator(config, model_cfg):
   if not config.data.train_files:
     raise ValueError("config.data.train_files=(): expected at least one text, JSONL or ArrayRecord file")
   if not config.data.tokenizer:
-    raise ValueError("config.data.tokenizer='': expected the path of a sentencepiece .model file")
+    raise ValueError("config.data.tokenizer='': expected a sentencepiece .model, a tokenizer.json or a directory with one")
   tokenizer = data_lib.load_tokenizer(local_copy(config.data.tokenizer))
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
   for field, tok_id in (("mask_token_id", tokenizer.mask_id), ("eos_token_id", tokenizer.eos_id)):

@@ -20,6 +20,7 @@ _EXPORTS = {
     "SFTSource": "sources",
     "TokenRowSource": "sources",
     "write_array_record": "sources",
+    "HuggingFaceTokenizer": "tokenizer",
     "SentencePieceTokenizer": "tokenizer",
     "Tokenizer": "tokenizer",
     "check_vocab": "tokenizer",
