@@ -38,19 +38,8 @@ die() {
   exit 2
 }
 
-# Prints a command, quoting only the arguments that need it, then runs it unless --dry-run.
-DRY_RUN=0
-show() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$arg"); else out+=("${arg@Q}"); fi
-  done
-  printf '+ %s\n' "${out[*]}"
-}
-run() {
-  show "$@"
-  if ((DRY_RUN == 0)); then "$@"; fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PROJECT="" ZONE="" NAME="" ACCELERATOR_TYPE="" RUNTIME_VERSION="" CONFIG="" WORKDIR=""
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -27,18 +27,8 @@ die() {
   exit 2
 }
 
-DRY_RUN=0
-show() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$arg"); else out+=("${arg@Q}"); fi
-  done
-  printf '+ %s\n' "${out[*]}"
-}
-run() {
-  show "$@"
-  if ((DRY_RUN == 0)); then "$@"; fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PROJECT="" ZONE="" CLUSTER="" TPU_TYPE="" WORKLOAD="" CONFIG="" WORKDIR="" NUM_SLICES=1
 CREATE_CLUSTER=0 SPOT=0 DOCKER_IMAGE="" XPK=xpk

