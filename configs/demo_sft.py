@@ -8,7 +8,9 @@ common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_co
 
 
 def get_config():
-  c = common.base("sft", total_steps=600)
+  # Copying the prompt's numbers into the working is learnt only after ~1200 steps (greedy test
+  # accuracy 0.23 at 600, 0.36 at 1200, 0.58 at 1800 with 600 pretraining steps): most of the budget goes here.
+  c = common.base("sft", total_steps=1800)
   c.data.global_batch_size = 32
   c.optimizer.schedule = "sft"
   c.optimizer.lr = 5e-4
