@@ -1,5 +1,6 @@
-# Shared by launch/tpu_pod.sh and launch/xpk_gke.sh (sourced). launch/slurm_gpu.sbatch keeps its own
-# copy: SLURM runs a copy of the batch script from its spool directory, away from this file.
+# Shared by launch/tpu_pod.sh and launch/xpk_gke.sh (sourced after they define `die`).
+# launch/slurm_gpu.sbatch keeps its own copy: SLURM runs a copy of the batch script from its spool
+# directory, away from this file.
 
 # Prints a command, quoting only the arguments that need it, then runs it unless --dry-run.
 DRY_RUN=0
@@ -13,4 +14,13 @@ show() {
 run() {
   show "$@"
   if ((DRY_RUN == 0)); then "$@"; fi
+}
+
+# Fails (through the sourcing script's `die`) naming the flag of each empty variable: PROJECT ->
+# --project, TPU_TYPE -> --tpu-type.
+require_flags() {
+  local name
+  for name in "$@"; do
+    [[ -n ${!name} ]] || die "--$(echo "$name" | tr '[:upper:]_' '[:lower:]-') is required"
+  done
 }

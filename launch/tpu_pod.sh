@@ -68,10 +68,7 @@ while (($#)); do
   shift
 done
 
-for required in PROJECT ZONE NAME CONFIG WORKDIR; do
-  flag="--$(echo "$required" | tr '[:upper:]_' '[:lower:]-')"
-  [[ -n ${!required} ]] || die "$flag is required"
-done
+require_flags PROJECT ZONE NAME CONFIG WORKDIR
 ((REUSE)) || [[ -n $ACCELERATOR_TYPE ]] || die "--accelerator-type is required to create a TPU VM (or pass --reuse)"
 [[ $WORKDIR == gs://* ]] || die "--workdir=$WORKDIR: expected a gs:// path that every worker can reach"
 [[ -f $REPO_DIR/${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*} in $REPO_DIR"

@@ -58,10 +58,7 @@ while (($#)); do
   shift
 done
 
-for required in PROJECT ZONE CLUSTER TPU_TYPE WORKLOAD CONFIG WORKDIR; do
-  flag="--$(echo "$required" | tr '[:upper:]_' '[:lower:]-')"
-  [[ -n ${!required} ]] || die "$flag is required"
-done
+require_flags PROJECT ZONE CLUSTER TPU_TYPE WORKLOAD CONFIG WORKDIR
 [[ $NUM_SLICES =~ ^[1-9][0-9]*$ ]] || die "--num-slices=$NUM_SLICES: expected a positive integer"
 [[ $WORKDIR == gs://* ]] || die "--workdir=$WORKDIR: expected a gs:// path that every pod can reach"
 [[ -f $REPO_DIR/${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*} in $REPO_DIR"

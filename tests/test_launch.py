@@ -128,10 +128,12 @@ def test_tpu_pod_refuses_a_local_workdir(stubs):
   assert out.returncode == 2 and "gs://" in out.stderr
 
 
+XPK_ARGS = ["--project=proj", "--zone=us-east5-a", "--cluster=tpus", "--tpu-type=v5p-128", "--num-slices=2",
+            "--workload=llada-vrpo", "--config=configs/llada_8b_vrpo.py:v5p", "--workdir=gs://bucket/runs/vrpo"]
+
+
 def test_xpk_dry_run_spreads_data_parallelism_over_slices(stubs):
-  args = ["--project=proj", "--zone=us-east5-a", "--cluster=tpus", "--tpu-type=v5p-128", "--num-slices=2",
-          "--workload=llada-vrpo", "--config=configs/llada_8b_vrpo.py:v5p", "--workdir=gs://bucket/runs/vrpo",
-          "--create-cluster", "--dry-run", *TRAIN_EXTRA]
+  args = [*XPK_ARGS, "--create-cluster", "--dry-run", *TRAIN_EXTRA]
   out = run_script("launch/xpk_gke.sh", args, stubs)
   assert out.returncode == 0, out.stderr
   assert not stubs[1].exists()
@@ -144,6 +146,12 @@ def test_xpk_dry_run_spreads_data_parallelism_over_slices(stubs):
   assert config["objective"] == "vrpo" and config["initialize"] == "auto" and config["mesh"]["dcn_data"] == 2
   assert config["workdir"] == "gs://bucket/runs/vrpo"
 
+
+@pytest.mark.parametrize("missing", ["--tpu-type", "--workload", "--cluster"])
+def test_xpk_names_a_missing_flag(stubs, missing):
+  args = [a for a in XPK_ARGS if not a.startswith(missing + "=")]
+  out = run_script("launch/xpk_gke.sh", [*args, "--dry-run"], stubs)
+  assert out.returncode == 2 and f"{missing} is required" in out.stderr
 
 def test_slurm_dry_run_starts_one_process_per_gpu_with_jax_slurm_detection(stubs):
   args = ["--config=configs/llada_8b_sft.py:h100x8", "--workdir=/shared/runs/sft", "--dry-run", *TRAIN_EXTRA]
