@@ -14,6 +14,7 @@ commit_success.txt file on GCS), so a run killed mid-save leaves nothing that `l
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Mapping, Sequence
@@ -151,6 +152,11 @@ def _steps_message(steps: Sequence[int]) -> str:
 # Checkpoint manager
 
 
+def _absolute(directory: epath.PathLike) -> epath.Path:
+  """An absolute path: Orbax's TensorStore writer refuses relative local paths (`--workdir runs/x`)."""
+  text = os.fspath(directory)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
 class CheckpointManager:
   """Saves and restores the train state, the data-iterator position and run metadata.
 
@@ -179,7 +185,7 @@ class CheckpointManager:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
-    self.directory = epath.Path(directory)
+    self.directory = _absolute(directory)
     self._metadata = _to_json_dict(metadata or {})
     policies = ocp.checkpoint_managers
     if read_only:
@@ -365,7 +371,7 @@ def load_params(
   Raises FileNotFoundError if `directory` has no finished checkpoint (or none at `step`), and
   ValueError naming the first mismatching path if the parameter tree or shapes differ.
   """
-  directory = epath.Path(directory)
+  directory = _absolute(directory)
   params_path = tuple(str(k) for k in params_path)
   if not directory.exists():
     raise FileNotFoundError(f"No checkpoint directory at {directory}.")

@@ -63,6 +63,21 @@ def run_script(tmp_path, source, *args, env=None, timeout=120):
 # Save and restore
 
 
+def test_relative_directory_saves_asynchronously_and_loads(tmp_path, monkeypatch):
+  # `--workdir runs/demo` is relative; Orbax's array writer needs absolute paths.
+  monkeypatch.chdir(tmp_path)
+  state = make_state()
+  with checkpoint.CheckpointManager("runs/x/checkpoints", async_save=True) as mngr:
+    assert mngr.save(3, state)
+    mngr.wait_until_finished()
+    assert mngr.directory.is_absolute()
+  with checkpoint.CheckpointManager("runs/x/checkpoints", read_only=True) as mngr:
+    assert mngr.all_steps() == [3]
+    assert_trees_equal(mngr.restore(abstract_state=checkpoint.abstract_like(state)), state)
+  params = checkpoint.load_params("runs/x/checkpoints", checkpoint.abstract_like(state.params))
+  assert_trees_equal(params, state.params)
+
+
 def test_round_trip_struct_dataclass_and_adamw_state(tmp_path):
   state = make_state()
   config = {"model": {"d_model": 4}, "lr": 1e-2, "name": "demo", "shape": (2, 3)}
