@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from llada_jax import demo
 
@@ -28,4 +29,22 @@ def test_smoke_chain_runs_end_to_end_and_resumes(tmp_path):
   again = demo.run_demo(tmp_path, demo.SMOKE)
   assert again["test_accuracy"] == summary["test_accuracy"]
   assert again["seconds"]["total"] < summary["seconds"]["total"]
+  paired = summary["paired_vs_sft"]
+  assert sorted(paired) == ["naive_dpo_seed0", "vrpo_seed0"]
+  assert all(0.0 < t["p_value"] <= 1.0 for t in paired.values())
+  assert "| sft |" in demo.format_results(again) and "| vrpo_seed0 |" in demo.format_results(again)
   assert "| sft |" in demo.format_results(again) and "4, 1, no" in demo.format_variance_table(table)
+
+
+def test_paired_test_counts_disagreements_and_gives_the_exact_binomial_p_value():
+  base = [True] * 5 + [False] * 10 + [True, False]
+  other = [True] * 5 + [True] * 8 + [False] * 2 + [False, True]  # fixed 8 + 1, broken 1
+  out = demo.paired_test(base, other)
+  assert (out["fixed"], out["broken"]) == (9, 1)
+  # P(X <= 1) for X ~ Bin(10, 1/2) = 11/1024; two-sided: 22/1024.
+  np.testing.assert_allclose(out["p_value"], 22 / 1024, rtol=1e-12)
+  assert demo.paired_test(other, base) == {"fixed": 1, "broken": 9, "p_value": out["p_value"]}
+  assert demo.paired_test(base, base)["p_value"] == 1.0  # no disagreement: no evidence
+  assert demo.paired_test([True, False], [False, True])["p_value"] == 1.0
+  with pytest.raises(ValueError, match="same problems"):
+    demo.paired_test([True], [True, False])
