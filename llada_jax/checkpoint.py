@@ -157,6 +157,7 @@ def _absolute(directory: epath.PathLike) -> epath.Path:
   text = os.fspath(directory)
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
+
 class CheckpointManager:
   """Saves and restores the train state, the data-iterator position and run metadata.
 

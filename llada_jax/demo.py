@@ -149,7 +149,7 @@ def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, ou
 def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib.Path) -> dict:
   if out_path.exists():
     cached = json.loads(out_path.read_text())
-    if "correct" in cached:  # written before per-problem results were kept: evaluate again
+    if "correct" in cached:  # older results lack the per-problem list the paired tests need
       return cached
   model_cfg, params, _ = ckpt_lib.load_model(run_dir)
   t = time.perf_counter()
