@@ -460,6 +460,7 @@ SIZES = {
     "tiny": Size("tiny", 16, 8),  # tests
     "demo": Size("demo", 80, 32),  # the demo recipe's model and sequence length
     "ref35m": Size("reference", 256, 8),  # 35.7M parameters: the reference PyTorch training figures' size
+    "1b": Size("llada_1b", 2048, 8),  # 1.34B parameters, 16k tokens a step: for accelerators
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -524,11 +525,14 @@ class Ceilings:
     return self.result(dtype).metrics["flops_per_s"]
 
 
-def _rates(flops: float, seconds: float, ceiling: float) -> dict[str, float]:
-  """Achieved FLOP/s per device and MFU against the measured ceiling of the same dtype."""
+def _rates(flops: float, seconds: float, ceiling: float, dtype: str) -> dict[str, float | None]:
+  """Achieved FLOP/s per device; MFU against the measured ceiling of the same dtype and, where the
+  device's datasheet peak is known (16-bit on TPUs and NVIDIA GPUs), against that peak."""
   per_device = flops / seconds / jax.device_count()
+  peak = metrics_lib.peak_flops_per_device(dtype=dtype)
   return {"flops_per_step": flops, "achieved_flops_per_s": per_device, "achieved_gflops_per_s": per_device / 1e9,
-          "ceiling_gflops_per_s": ceiling / 1e9, "mfu": per_device / ceiling}
+          "ceiling_gflops_per_s": ceiling / 1e9, "mfu": per_device / ceiling,
+          "mfu_datasheet": per_device / peak if peak else None}
 
 
 # ---- ceiling -----------------------------------------------------------------------------------
@@ -718,6 +722,7 @@ def _time_steps(compiled, state, batch, root_key, reference_params, args):
     Column("iqr s", "iqr_s", "{:.3f}"),
     Column("GFLOP/s", "achieved_gflops_per_s", "{:.1f}"),
     Column("MFU", "mfu", "{:.1%}"),
+    Column("MFU peak", "mfu_datasheet", "{:.1%}"),
     Column("vs online", "step_time_vs_online", "{:.2f}x"),
     Column("ref s/step", "reference_precompute_s", "{:.3f}"),
     Column("peak GB", "peak_gb", "{:.2f}"),
@@ -790,7 +795,7 @@ def bench_train_step(ctx: Context) -> list[Result]:
             "tokens_per_s": rows * size.seq_len / result.median_s,
             "model_tokens_per_s": model_tokens / result.median_s,
             "steps_per_s": 1 / result.median_s,
-            **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype)),
+            **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype), dtype),
             "compile_s": compile_s,
             "peak_gb": None if memory is None else memory / 1e9,
             "loss": float(step_metrics["loss"]),
@@ -837,6 +842,7 @@ def _check_elbo(args) -> None:
     Column("iqr s", "iqr_s", "{:.3f}"),
     Column("GFLOP/s", "achieved_gflops_per_s", "{:.1f}"),
     Column("MFU", "mfu", "{:.1%}"),
+    Column("MFU peak", "mfu_datasheet", "{:.1%}"),
 ))
 def bench_elbo(ctx: Context) -> list[Result]:
   """ELBO scoring (llada_jax.eval.likelihood.score_answers) of random sequences: prompt a quarter of
@@ -871,7 +877,7 @@ def bench_elbo(ctx: Context) -> list[Result]:
         flops = metrics_lib.forward_flops_per_token(cfg, padded) * forward_tokens
         result.metrics = {"sequences_per_s": count / result.median_s,
                           "forward_tokens_per_s": forward_tokens / result.median_s,
-                          **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype)),
+                          **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype), dtype),
                           "mean_elbo": float(np.mean(scores))}
         results.append(result)
   return results

@@ -213,6 +213,7 @@ def test_train_step_rows_rates_and_flops(step_run):
     assert len(r.times_s) == 2 and len(r.warmup_s) == 1 and r.median_s > 0
     assert m["achieved_flops_per_s"] == pytest.approx(m["flops_per_step"] / r.median_s / jax.device_count())
     assert m["mfu"] == pytest.approx(m["achieved_flops_per_s"] / ceiling) and m["mfu"] > 0
+    assert m["mfu_datasheet"] is None  # a CPU has no datasheet peak
     assert np.isfinite(m["loss"]) and m["compile_s"] > 0
   pre = rows["tiny/float32/pretrain"]
   assert pre.metrics["flops_per_step"] == metrics.lm_step_flops(cfg, batch_size=b, seq_len=l)
@@ -290,3 +291,14 @@ def test_bad_sizes_are_usage_errors(argv, message, capsys):
 def test_bad_section_flags_fail_with_a_message(argv, message, capsys):
   assert bench.main(argv) == 1
   assert message in capsys.readouterr().err
+
+
+def test_rates_against_a_known_device_peak(monkeypatch):
+  from llada_jax import metrics  # noqa: PLC0415
+
+  monkeypatch.setattr(metrics, "peak_flops_per_device", lambda dtype: 1e12 if dtype == "bfloat16" else None)
+  r = bench._rates(6e11, 2.0, 5e11, "bfloat16")  # 3e11 FLOP/s per device on one device
+  assert r["achieved_flops_per_s"] == pytest.approx(3e11 / jax.device_count())
+  assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 5e11)
+  assert r["mfu_datasheet"] == pytest.approx(r["achieved_flops_per_s"] / 1e12)
+  assert bench._rates(6e11, 2.0, 5e11, "float32")["mfu_datasheet"] is None
