@@ -887,8 +887,9 @@ def bench_elbo(ctx: Context) -> list[Result]:
 # Reporting.
 
 
-def format_table(section: str, results: Sequence[Result]) -> str:
-  """A fixed-width table of one section's results; columns no row has a value for are left out."""
+def format_table(section: str, results: Sequence[Result], markdown: bool = False) -> str:
+  """A fixed-width (or markdown) table of one section's results; columns no row has a value for are
+  left out."""
   rows = [r.flat() for r in results]
   columns = [c for c in SECTIONS[section].columns if any(row.get(c.key) is not None for row in rows)]
 
@@ -897,6 +898,9 @@ def format_table(section: str, results: Sequence[Result]) -> str:
     return "-" if value is None else column.fmt.format(value)
 
   cells = [[cell(c, row) for c in columns] for row in rows]
+  if markdown:
+    return "\n".join([f"[{section}]", "", "| " + " | ".join(c.header for c in columns) + " |",
+                      "|" + " --- |" * len(columns)] + ["| " + " | ".join(r) + " |" for r in cells])
   widths = [max([len(c.header)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
   lines = [f"[{section}]", "  ".join(c.header.rjust(w) for c, w in zip(columns, widths))]
   lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
@@ -938,6 +942,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output", default=None, help="JSON report path")
+  p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
   for section in SECTIONS.values():
     section.add_arguments(p)
   return p
@@ -965,7 +970,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
   results = []
   for name in args.only:
     section_results = SECTIONS[name].run(ctx)
-    print(format_table(name, section_results), flush=True)
+    print(format_table(name, section_results, markdown=args.markdown), flush=True)
     results += section_results
   loaded = ctx.loaded_model()
   return {

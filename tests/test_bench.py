@@ -68,6 +68,9 @@ def test_table_lists_every_variant(sampling_results):
   table = bench.format_table("sampling", sampling_results)
   assert all(v in table for v in VARIANTS) and "tokens/s" in table
   assert "accuracy" not in table  # columns with no values are left out
+  md = bench.format_table("sampling", sampling_results, markdown=True).splitlines()
+  assert md[2].startswith("| variant |") and md[3] == "|" + " --- |" * md[2].count(" | ") + " --- |"
+  assert len(md) == 4 + len(sampling_results) and all(line.count("|") == md[2].count("|") for line in md[2:])
 
 
 def test_cli_writes_json_with_command_and_rows(tmp_path, capsys):
