@@ -11,7 +11,8 @@ Sections (`--only a,b`, run in that order; default: all, ceiling first) each tim
   train_step  the training step exactly as llada_jax.train builds it (sharded on the default
               devices, state donated) for pretrain, SFT and VRPO at each n, the VRPO reference online
               or precomputed: tokens/s, achieved FLOP/s (llada_jax.metrics' analytic count), MFU
-              against the measured ceiling of the same dtype, peak memory of the compiled step.
+              against the measured ceiling of the same dtype (also as `MFU 6N`, counting the
+              embedding like the reference PyTorch figures do), peak memory of the compiled step.
   elbo        likelihood scoring (llada_jax.eval.likelihood): sequences/s at each mc_num.
   sampling    every sampler variant (exact, prefix, dual, threshold, dual+threshold) at the given
               sizes: generated tokens/s, seconds per call, forward passes, speed-up vs exact; with a
@@ -638,13 +639,15 @@ def _train_batch(objective: str, cfg: model_lib.ModelConfig, size: Size, seed: i
           "rejected_lengths": rng.integers(l // 2, l + 1, (b,)).astype(np.int32), "example_id": ids}
 
 
-def _step_flops(objective: str, cfg, size: Size, n: int, precomputed: bool, sft_weight: float) -> tuple[int, int]:
+def _step_flops(objective: str, cfg, size: Size, n: int, precomputed: bool, sft_weight: float,
+                count_embedding: bool = False) -> tuple[int, int]:
   """(analytic FLOPs, tokens through the policy) of one step, as llada_jax.metrics counts them."""
   b, l = size.batch_size, size.seq_len
   if objective != "vrpo":
-    return metrics_lib.lm_step_flops(cfg, batch_size=b, seq_len=l), b * l
+    return metrics_lib.lm_step_flops(cfg, batch_size=b, seq_len=l, count_embedding=count_embedding), b * l
   flops = metrics_lib.vrpo_step_flops(cfg, n_pairs=b, seq_len=l, n_timesteps=n, masks_per_timestep=1,
-                                      reference_precomputed=precomputed, sft_weight=sft_weight)
+                                      reference_precomputed=precomputed, sft_weight=sft_weight,
+                                      count_embedding=count_embedding)
   return flops.total, 2 * n * b * l + (b * l if sft_weight > 0 else 0)
 
 
@@ -722,6 +725,7 @@ def _time_steps(compiled, state, batch, root_key, reference_params, args):
     Column("iqr s", "iqr_s", "{:.3f}"),
     Column("GFLOP/s", "achieved_gflops_per_s", "{:.1f}"),
     Column("MFU", "mfu", "{:.1%}"),
+    Column("MFU 6N", "mfu_6n", "{:.1%}"),
     Column("MFU peak", "mfu_datasheet", "{:.1%}"),
     Column("vs online", "step_time_vs_online", "{:.2f}x"),
     Column("ref s/step", "reference_precompute_s", "{:.3f}"),
@@ -782,6 +786,7 @@ def bench_train_step(ctx: Context) -> list[Result]:
         times, warm, step_metrics = _time_steps(compiled, state, batch, root_key, reference_params, args)
         state = reference_params = None  # donated, or no longer needed: free before the next variant
         flops, model_tokens = _step_flops(objective_name, cfg, size, n, precomputed, args.sft_weight)
+        flops_6n, _ = _step_flops(objective_name, cfg, size, n, precomputed, args.sft_weight, count_embedding=True)
         settings = {"size": size_name, "dtype": dtype, "objective": objective_name, "n": n if objective_name == "vrpo"
                     else None, "reference": None if reference == "-" else reference, "seq_len": size.seq_len,
                     "batch_size": size.batch_size, "num_params": cfg.num_params(), "remat": cfg.remat,
@@ -796,6 +801,8 @@ def bench_train_step(ctx: Context) -> list[Result]:
             "model_tokens_per_s": model_tokens / result.median_s,
             "steps_per_s": 1 / result.median_s,
             **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype), dtype),
+            # The reference PyTorch figures' count (6 x all parameters): their MFU, like for like.
+            "mfu_6n": flops_6n / result.median_s / jax.device_count() / ctx.ceilings.flops_per_s(dtype),
             "compile_s": compile_s,
             "peak_gb": None if memory is None else memory / 1e9,
             "loss": float(step_metrics["loss"]),

@@ -6,7 +6,9 @@ lookup and norms are elementwise, so neither counts), plus the attention score a
 4 x n_layers x seq_len x (n_heads x head_dim) per token. The mask predictor is bidirectional, so
 every query sees all seq_len keys and nothing is halved. Training costs 3 forward passes (forward,
 and a backward pass twice as expensive). Rematerialisation is not counted: MFU measures model
-FLOPs, not hardware FLOPs.
+FLOPs, not hardware FLOPs. `count_embedding=True` adds the embedding table as if it were a matmul
+(6 x all parameters per trained token): the count behind the reference PyTorch figures, for
+like-for-like comparison with them.
 """
 
 from __future__ import annotations
@@ -48,24 +50,26 @@ def attention_flops_per_token(model_cfg, seq_len: int) -> int:
   return 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.resolved_head_dim
 
 
-def forward_flops_per_token(model_cfg, seq_len: int) -> int:
+def forward_flops_per_token(model_cfg, seq_len: int, count_embedding: bool = False) -> int:
   """Forward FLOPs per token of a row of seq_len tokens."""
   _check_positive("seq_len", seq_len)
-  return 2 * matmul_params(model_cfg) + attention_flops_per_token(model_cfg, seq_len)
+  cfg = _model_config(model_cfg)
+  params = matmul_params(cfg) + (cfg.vocab_size * cfg.d_model if count_embedding else 0)
+  return 2 * params + attention_flops_per_token(cfg, seq_len)
 
 
-def train_flops_per_token(model_cfg, seq_len: int) -> int:
+def train_flops_per_token(model_cfg, seq_len: int, count_embedding: bool = False) -> int:
   """Forward plus backward (twice the forward) per token."""
-  return 3 * forward_flops_per_token(model_cfg, seq_len)
+  return 3 * forward_flops_per_token(model_cfg, seq_len, count_embedding)
 
 
-def lm_step_flops(model_cfg, *, batch_size: int, seq_len: int) -> int:
+def lm_step_flops(model_cfg, *, batch_size: int, seq_len: int, count_embedding: bool = False) -> int:
   """One pretraining or SFT step: one noised copy of each [batch_size, seq_len] row, with gradients.
 
   SFT runs the prompt through the model too, so every token of the row counts.
   """
   _check_positive("batch_size", batch_size)
-  return train_flops_per_token(model_cfg, seq_len) * batch_size * seq_len
+  return train_flops_per_token(model_cfg, seq_len, count_embedding) * batch_size * seq_len
 
 
 class VRPOFlops(NamedTuple):
@@ -79,12 +83,13 @@ class VRPOFlops(NamedTuple):
 
 
 def vrpo_step_flops(model_cfg, *, n_pairs: int, seq_len: int, n_timesteps: int, masks_per_timestep: int,
-                    reference_precomputed: bool = False, sft_weight: float = 0.0) -> VRPOFlops:
+                    reference_precomputed: bool = False, sft_weight: float = 0.0,
+                    count_embedding: bool = False) -> VRPOFlops:
   """One VRPO (or naive-DPO) step on n_pairs (chosen, rejected) rows of seq_len tokens each."""
   for name, value in (("n_pairs", n_pairs), ("n_timesteps", n_timesteps),
                       ("masks_per_timestep", masks_per_timestep)):
     _check_positive(name, value)
-  forward = forward_flops_per_token(model_cfg, seq_len)
+  forward = forward_flops_per_token(model_cfg, seq_len, count_embedding)
   copy_tokens = 2 * n_timesteps * masks_per_timestep * n_pairs * seq_len
   return VRPOFlops(
       policy=3 * forward * copy_tokens,

@@ -217,9 +217,14 @@ def test_train_step_rows_rates_and_flops(step_run):
     assert m["achieved_flops_per_s"] == pytest.approx(m["flops_per_step"] / r.median_s / jax.device_count())
     assert m["mfu"] == pytest.approx(m["achieved_flops_per_s"] / ceiling) and m["mfu"] > 0
     assert m["mfu_datasheet"] is None  # a CPU has no datasheet peak
+    # Counting the embedding table too (the reference figures' convention) can only add FLOPs.
+    assert m["mfu_6n"] > m["mfu"]
     assert np.isfinite(m["loss"]) and m["compile_s"] > 0
   pre = rows["tiny/float32/pretrain"]
   assert pre.metrics["flops_per_step"] == metrics.lm_step_flops(cfg, batch_size=b, seq_len=l)
+  assert pre.metrics["mfu_6n"] == pytest.approx(
+      metrics.lm_step_flops(cfg, batch_size=b, seq_len=l, count_embedding=True) / pre.median_s / jax.device_count()
+      / ceiling)
   assert pre.metrics["tokens_per_s"] == pytest.approx(b * l / pre.median_s)
   online, precomputed = rows["tiny/float32/vrpo/n2/online"], rows["tiny/float32/vrpo/n2/precomputed"]
   for r, is_pre in ((online, False), (precomputed, True)):

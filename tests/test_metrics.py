@@ -47,6 +47,22 @@ def test_llada_8b_forward_flops_by_hand():
   assert metrics.lm_step_flops(cfg, batch_size=1280, seq_len=T) == 3 * expected * 1280 * T
 
 
+def test_count_embedding_reproduces_the_reference_figures():
+  # The reference PyTorch step (d_model 512, 8 layers, MLP 1536, vocab 8192, 35.7M parameters,
+  # 256 tokens) at 690 tokens/s is quoted as about 155 GFLOP/s, counting 6 x all parameters.
+  d, v, T = 512, 8192, 256
+  cfg = _config("demo", d_model=d, n_layers=8, n_heads=8, mlp_hidden_size=1536, vocab_size=v)
+  assert cfg.num_params() == pytest.approx(35.7e6, rel=2e-3)
+  assert metrics.matmul_params(cfg) + v * d == cfg.num_params() - (2 * 8 + 1) * d  # all but the norms
+  extra = metrics.train_flops_per_token(cfg, T, count_embedding=True) - metrics.train_flops_per_token(cfg, T)
+  assert extra == 6 * v * d
+  assert metrics.train_flops_per_token(cfg, T, count_embedding=True) * 690 / 1e9 == pytest.approx(155, rel=0.02)
+  assert metrics.lm_step_flops(cfg, batch_size=8, seq_len=T, count_embedding=True) == (
+      metrics.train_flops_per_token(cfg, T, count_embedding=True) * 8 * T)
+  vrpo = metrics.vrpo_step_flops(cfg, n_pairs=8, seq_len=T, n_timesteps=2, masks_per_timestep=1, count_embedding=True)
+  assert vrpo.policy == 3 * metrics.forward_flops_per_token(cfg, T, count_embedding=True) * 2 * 2 * 8 * T
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_matmul_params_match_the_parameter_shapes(scan_layers):
   # tiny uses grouped-query attention (4 heads, 2 kv heads), which the count must respect.
