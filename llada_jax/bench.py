@@ -796,13 +796,14 @@ def bench_train_step(ctx: Context) -> list[Result]:
         name = f"{size_name}/{dtype}/{objective_name}" + (f"/n{n}/{reference}" if objective_name == "vrpo" else "")
         result = Result("train_step", name, settings, times, warm)
         rows = size.batch_size * (2 if objective_name == "vrpo" else 1)
+        ceiling = ctx.ceilings.flops_per_s(dtype)
         result.metrics = {
             "tokens_per_s": rows * size.seq_len / result.median_s,
             "model_tokens_per_s": model_tokens / result.median_s,
             "steps_per_s": 1 / result.median_s,
-            **_rates(flops, result.median_s, ctx.ceilings.flops_per_s(dtype), dtype),
+            **_rates(flops, result.median_s, ceiling, dtype),
             # The reference PyTorch figures' count (6 x all parameters): their MFU, like for like.
-            "mfu_6n": flops_6n / result.median_s / jax.device_count() / ctx.ceilings.flops_per_s(dtype),
+            "mfu_6n": _rates(flops_6n, result.median_s, ceiling, dtype)["mfu"],
             "compile_s": compile_s,
             "peak_gb": None if memory is None else memory / 1e9,
             "loss": float(step_metrics["loss"]),
