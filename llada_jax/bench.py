@@ -496,14 +496,20 @@ def _random_tokens(rng: np.random.Generator, cfg: model_lib.ModelConfig, shape) 
   return allowed[rng.integers(0, len(allowed), shape)]
 
 
-def _time_matmul(ctx: Context, dtype: str) -> Result:
-  n, args = ctx.args.matmul_size, ctx.args
+def time_matmul(dtype: str, n: int, *, repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+  """(timed, warm-up) seconds of an n x n x n matmul in `dtype` (a model dtype name) on the default device."""
   jdtype = model_lib._DTYPES[dtype]  # noqa: SLF001 - the model's own dtype names
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jdtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jdtype)
   # float32 accumulation and output, as the model's matmuls ask for.
   matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  times, warm, _ = time_calls(lambda: matmul(a, b), repeats=args.repeats, warmup=max(args.warmup, 1))
+  times, warm, _ = time_calls(lambda: matmul(a, b), repeats=repeats, warmup=max(warmup, 1))
+  return times, warm
+
+
+def _time_matmul(ctx: Context, dtype: str) -> Result:
+  n, args = ctx.args.matmul_size, ctx.args
+  times, warm = time_matmul(dtype, n, repeats=args.repeats, warmup=args.warmup)
   result = Result("ceiling", f"matmul_{dtype}", {"kind": "matmul", "dtype": dtype, "size": n}, times, warm)
   rate = 2 * n ** 3 / result.median_s
   result.metrics = {"flops_per_s": rate, "gflops_per_s": rate / 1e9}

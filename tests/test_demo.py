@@ -48,3 +48,12 @@ def test_paired_test_counts_disagreements_and_gives_the_exact_binomial_p_value()
   assert demo.paired_test([True, False], [False, True])["p_value"] == 1.0
   with pytest.raises(ValueError, match="same problems"):
     demo.paired_test([True], [True, False])
+
+
+def test_slow_bfloat16_warning():
+  assert demo.slow_bfloat16_warning("bfloat16", 1.6) is None
+  assert demo.slow_bfloat16_warning("float32", 0.5) is None  # a float32 recipe is not slowed
+  message = demo.slow_bfloat16_warning("bfloat16", 0.58)
+  assert "0.58x" in message and "configs/demo_common.py" in message
+  speedup = demo.bfloat16_matmul_speedup(n=64, repeats=2)  # measured, whatever the host
+  assert np.isfinite(speedup) and speedup > 0
