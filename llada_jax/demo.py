@@ -326,7 +326,7 @@ def slow_bfloat16_warning(dtype: str, speedup: float) -> str | None:
     return None
   return (f"bfloat16 matmuls run at {speedup:.2f}x the float32 speed here (no native bfloat16 dot products): "
           "the recipe computes in bfloat16 (configs/demo_common.py), so it takes about 2.5x as long as on CPUs "
-          "with them (2 cores: 63 min on an AMD Zen 3, 24-26 min on Intel and AMD Zen 4 hosts)")
+          "with them (2 cores: 63 min on an AMD Zen 3, 24-28 min on Intel and AMD Zen 4 hosts)")
 
 
 def format_results(summary: dict) -> str:
