@@ -198,22 +198,18 @@ def variance_diagnostics(loss: VRPOLoss, params, reference_params, batches, key:
   outs = [[jax.tree.map(lambda x: np.asarray(x, np.float64), evaluate(params, reference_params, batch,
                                                                       jax.random.fold_in(key, r)))
            for batch in batches] for r in range(n_repeats)]
+  # Per batch (batches may differ in size): scores, losses [repeats, B], gradient proxies [repeats, B, ...].
+  scores, losses, grads = zip(*[[np.stack([out[b][field] for out in outs]) for field in range(3)]
+                                for b in range(len(batches))])
 
-  def over_repeats(b, field):  # [repeats, B, ...] for batch b (batches may differ in size)
-    return np.stack([out[b][field] for out in outs])
-
-  def pooled_and_direct(field):
+  def pooled_and_direct(per_batch):
     """Variance of the batch mean (summed over entries), from per-pair variances and from the means."""
-    pooled, direct = [], []
-    for b in range(len(batches)):
-      x = over_repeats(b, field)
-      pooled.append(x.var(axis=0, ddof=1).sum() / x.shape[1] ** 2)
-      direct.append(x.mean(axis=1).var(axis=0, ddof=1).sum())
+    pooled = [x.var(axis=0, ddof=1).sum() / x.shape[1] ** 2 for x in per_batch]
+    direct = [x.mean(axis=1).var(axis=0, ddof=1).sum() for x in per_batch]
     return float(np.mean(pooled)), float(np.mean(direct))
 
-  loss_variance, loss_variance_direct = pooled_and_direct(1)
-  gradient_variance, gradient_variance_direct = pooled_and_direct(2)
-  scores = [over_repeats(b, 0) for b in range(len(batches))]
+  loss_variance, loss_variance_direct = pooled_and_direct(losses)
+  gradient_variance, gradient_variance_direct = pooled_and_direct(grads)
   return {
       "score_variance": float(np.concatenate([s.var(axis=0, ddof=1) for s in scores]).mean()),
       "loss_variance": loss_variance,
@@ -221,5 +217,5 @@ def variance_diagnostics(loss: VRPOLoss, params, reference_params, batches, key:
       "loss_variance_direct": loss_variance_direct,
       "gradient_variance_direct": gradient_variance_direct,
       "score_mean": float(np.concatenate([s.ravel() for s in scores]).mean()),
-      "loss_mean": float(np.mean([over_repeats(b, 1).mean(axis=1) for b in range(len(batches))])),
+      "loss_mean": float(np.mean([l.mean(axis=1) for l in losses])),
   }

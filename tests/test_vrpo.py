@@ -214,9 +214,9 @@ def test_variance_diagnostics_pooled_estimates_match_the_batch_means(batch, refe
   """Loss and gradient variances from per-pair variances estimate those of the batch means themselves.
 
   Pairs draw independently (keys folded with example_id), so Var[mean_i x_i] = sum_i Var[x_i] / B^2.
-  With 400 repeats the direct estimates have a relative standard error of about sqrt(2 / 399) ~ 7%
-  (more for the gradient, whose entries are correlated); the two must agree within 25%, with
-  antithetic sampling on and off. Dividing by B instead of B^2 would be 6x off.
+  With 400 repeats the direct loss estimate has a relative standard error of about sqrt(2 / 399) ~ 7%;
+  the two must agree within 25%, with antithetic sampling on and off. Dividing by B instead of B^2
+  would be 6x off.
   """
   for loss in (LOSS, LOSS_OFF):
     out = V.variance_diagnostics(loss, policy_params, reference_params, [batch], jax.random.key(9), n_repeats=400)
