@@ -3,7 +3,7 @@
 # the same training command on all workers at once. See launch/README.md.
 #
 #   launch/tpu_pod.sh --project=my-project --zone=us-east5-a --name=llada-sft \
-#     --accelerator-type=v5p-128 --config=configs/llada_8b_sft.py:v5p \
+#     --accelerator-type=v5p-128 --config=llada_8b_sft:v5p \
 #     --workdir=gs://my-bucket/runs/llada-8b-sft --source=https://github.com/me/llada_jax.git@main \
 #     -- --config.data.train_files=gs://my-bucket/sft/train.jsonl \
 #        --config.data.tokenizer=gs://my-bucket/llada-8b/tokenizer.json \
@@ -16,7 +16,7 @@ set -euo pipefail
 usage() {
   cat <<'EOF'
 usage: launch/tpu_pod.sh --project=ID --zone=ZONE --name=TPU_NAME --accelerator-type=TYPE
-                         --config=configs/FILE.py[:variant] --workdir=gs://BUCKET/PATH
+                         --config=RECIPE[:variant] --workdir=gs://BUCKET/PATH
                          [--source=GIT_URL[@REF] | --source=LOCAL_DIR] [--runtime-version=VERSION]
                          [--reuse] [--spot] [--skip-install] [--detach] [--python=python3] [--dry-run]
                          [-- TRAIN_ARGS...]

@@ -3,7 +3,7 @@
 # more slices, data parallel across slices (mesh.dcn_data = --num-slices). See launch/README.md.
 #
 #   launch/xpk_gke.sh --project=my-project --zone=us-east5-a --cluster=llada --tpu-type=v5p-128 \
-#     --num-slices=2 --workload=llada-vrpo --config=configs/llada_8b_vrpo.py:v5p \
+#     --num-slices=2 --workload=llada-vrpo --config=llada_8b_vrpo:v5p \
 #     --workdir=gs://my-bucket/runs/llada-8b-vrpo -- --config.data.train_files=gs://my-bucket/pairs.jsonl ...
 #
 # XPK packs this checkout (--script-dir) into an image built on --base-docker-image (a JAX TPU
@@ -15,7 +15,7 @@ set -euo pipefail
 usage() {
   cat <<'EOF'
 usage: launch/xpk_gke.sh --project=ID --zone=ZONE --cluster=NAME --tpu-type=TYPE --workload=NAME
-                         --config=configs/FILE.py[:variant] --workdir=gs://BUCKET/PATH
+                         --config=RECIPE[:variant] --workdir=gs://BUCKET/PATH
                          [--num-slices=1] [--create-cluster] [--spot]
                          [--base-docker-image=IMAGE | --docker-image=IMAGE] [--xpk=xpk] [--dry-run]
                          [-- TRAIN_ARGS...]

@@ -1,4 +1,4 @@
-"""The masked-diffusion objectives (REFERENCE sections 2 and 3).
+"""The masked-diffusion objectives (docs/method.md, "Noising and losses" and "ELBO estimators").
 
 Forward process: each token of a sequence is replaced by the mask token independently with
 probability p = (1 - eps) t + eps, t ~ U[0, 1). The mask predictor is trained to recover the

@@ -11,62 +11,60 @@ JSON. Data formats are listed in `llada_jax.eval.tasks`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+import types
 from typing import Any, Sequence
 
 import jax
+from absl import app, flags
 
-from llada_jax import cli, checkpoint as ckpt_lib
+from llada_jax import cli
 from llada_jax.data import tokenizer as tok_lib
-# The public evaluation API, importable from here as well as from llada_jax.eval.
-from llada_jax.eval import (TASKS, evaluate_generation, extract_gsm8k_answer, gsm8k_verify,
-                            guided_logits_fn, load_task, run_generation, run_multiple_choice, run_perplexity,
-                            run_scores, score_answers)
 from llada_jax.eval import likelihood, tasks as tasks_lib
-
-__all__ = ["TASKS", "evaluate", "evaluate_generation", "extract_gsm8k_answer", "gsm8k_verify", "guided_logits_fn",
-           "load_task", "main", "run_generation", "run_multiple_choice", "run_perplexity", "run_scores",
-           "score_answers"]
+from llada_jax.storage import checkpoint as ckpt_lib, files
 
 LIKELIHOOD_TASKS = ("mc", "scores", "ppl")
 GENERATION_TASKS = ("gsm8k", "demo")
 _FINETUNED = ("sft", "vrpo", "naive_dpo")
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m llada_jax.evaluate", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a training run's workdir or its checkpoints/ directory")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--task", required=True, choices=tasks_lib.TASKS)
-  p.add_argument("--data", required=True, help="JSONL file (plain text also accepted for ppl)")
-  p.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer.json or a directory with one (default: the run's data.tokenizer)")
-  p.add_argument("--chat_template", choices=("auto", "true", "false"), default="auto",
-                 help="wrap prompts in the chat template; auto: as the run trained (never for pretraining)")
-  p.add_argument("--append_eos", action="store_true", help="score answers followed by EOS (likelihood tasks)")
-  p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--output", default=None, help="JSON file for metrics and per-example records")
-  lik = p.add_argument_group("likelihood")
-  lik.add_argument("--mc_num", type=int, default=128, help="Monte Carlo samples per answer")
-  lik.add_argument("--batch_size", type=int, default=16,
-                   help="rows per stratified round (likelihood); prompts per sampler call (generation)")
-  lik.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance w")
-  gen = p.add_argument_group("generation")
-  gen.add_argument("--gen_length", type=int, default=256)
-  gen.add_argument("--steps", type=int, default=None, help="default: gen_length")
-  gen.add_argument("--block_length", type=int, default=32)
-  gen.add_argument("--temperature", type=float, default=0.0)
-  gen.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
-  gen.add_argument("--suppress_eos", action="store_true")
-  gen.add_argument("--eos_confidence_penalty", type=float, default=0.0)
-  gen.add_argument("--cache", choices=("none", "prefix", "dual"), default="none")
-  gen.add_argument("--refresh_every", type=int, default=0)
-  gen.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
-  return p
+# This tool's own flags (see cli.run_tool).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints/ directory.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
+flags.DEFINE_enum("task", None, list(tasks_lib.TASKS), "Evaluation task.", flag_values=FLAGS)
+flags.DEFINE_string("data", None, "JSONL file (plain text also accepted for ppl).", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "sentencepiece .model, tokenizer.json or a directory with one (default: "
+                    "the run's data.tokenizer).", flag_values=FLAGS)
+flags.DEFINE_enum("chat_template", "auto", ["auto", "true", "false"], "Wrap prompts in the chat template; auto: "
+                  "as the run trained (never for pretraining).", flag_values=FLAGS)
+flags.DEFINE_bool("append_eos", False, "Score answers followed by EOS (likelihood tasks).", flag_values=FLAGS)
+flags.DEFINE_integer("limit", None, "Evaluate the first N examples.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Root of the Monte Carlo and sampling randomness.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "JSON file for metrics and per-example records.", flag_values=FLAGS)
+# Likelihood tasks.
+flags.DEFINE_integer("mc_num", 128, "Likelihood: Monte Carlo samples per answer.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 16, "Rows per stratified round (likelihood); prompts per sampler call "
+                     "(generation).", flag_values=FLAGS)
+flags.DEFINE_float("cfg_scale", 0.0, "Unsupervised classifier-free guidance w.", flag_values=FLAGS)
+# Generation tasks.
+flags.DEFINE_integer("gen_length", 256, "Generation: tokens generated per prompt.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "Generation: sampling steps (default: gen_length).", flag_values=FLAGS)
+flags.DEFINE_integer("block_length", 32, "Generation: semi-autoregressive block length.", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "Generation: sampling temperature; 0: greedy.", flag_values=FLAGS)
+flags.DEFINE_enum("remasking", "low_confidence", ["low_confidence", "random"], "Generation: which predictions "
+                  "stay masked.", flag_values=FLAGS)
+flags.DEFINE_bool("suppress_eos", False, "Generation: set the EOS logit to -inf.", flag_values=FLAGS)
+flags.DEFINE_float("eos_confidence_penalty", 0.0, "Generation: subtracted from the confidence of EOS/EoT picks.",
+                   flag_values=FLAGS)
+flags.DEFINE_enum("cache", "none", ["none", "prefix", "dual"], "Generation: key/value cache.", flag_values=FLAGS)
+flags.DEFINE_integer("refresh_every", 0, "Generation: with a cache, also recompute it every this many steps; 0: "
+                     "block starts only.", flag_values=FLAGS)
+flags.DEFINE_float("threshold", None, "Generation: confidence-threshold parallel decoding.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.", flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "task", "data"], flag_values=FLAGS)
 
 
 def resolve_chat_template(flag: str, run_config: dict) -> bool:
@@ -86,8 +84,8 @@ def sampler_config_from_args(args, eot_token_id: int | None = None):
       eot_token_id=eot_token_id, cache=args.cache, refresh_every=args.refresh_every, threshold=args.threshold)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-  """Runs one task as the CLI flags say; returns the JSON-able result."""
+def evaluate(args) -> dict[str, Any]:
+  """Runs one task as the flags (`args`, read by attribute) say; returns the JSON-able result."""
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit={args.limit}: expected a positive number of examples")
   examples = tasks_lib.load_task(args.task, args.data, args.limit)
@@ -143,20 +141,21 @@ def format_table(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-write_json = cli.write_json_atomic
+def _command(positional: list[str]) -> int:
+  if positional:
+    raise app.UsageError(f"unexpected arguments {' '.join(positional)}; expected flags only")
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+  result = evaluate(args)
+  print(format_table(result))
+  if args.output:
+    files.write_json_atomic(args.output, result)
+    print(f"wrote {args.output}")
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    result = evaluate(args)
-  except cli.USER_ERRORS as e:
-    return cli.fail(e)
-  print(format_table(result))
-  if args.output:
-    write_json(args.output, result)
-    print(f"wrote {args.output}")
-  return 0
+  """Runs the tool on `argv` (the arguments after the program name; default: the command line)."""
+  return cli.run_tool(_command, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":

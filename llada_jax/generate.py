@@ -1,7 +1,7 @@
 """Generates completions from a trained checkpoint.
 
   python -m llada_jax.generate --checkpoint WORKDIR --prompt "what is 2 plus 3" [--chat_template]
-  python -m llada_jax.generate --checkpoint WORKDIR --input prompts.jsonl --output out.jsonl \
+  python -m llada_jax.generate --checkpoint WORKDIR --input prompts.jsonl --output out.jsonl \\
       --gen_length 128 --block_length 32 --steps 128 --cache dual --threshold 0.9
 
 Input JSONL lines need a string `prompt` field. Output lines are `{"prompt": ..., "completion": ...}`
@@ -12,24 +12,58 @@ its completion does not depend on --batch_size or on the other prompts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+import types
 from typing import Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
 
-from llada_jax import cli, checkpoint, sampling
-from llada_jax.eval.generation import completion_ids
-from llada_jax.data import sources
+from llada_jax import cli, sampling
+from llada_jax.data import readers
 from llada_jax.data import tokenizer as tokenizer_lib
 from llada_jax.data.errors import DataError
+from llada_jax.eval.generation import completion_ids
+from llada_jax.storage import checkpoint, files
+
+# This tool's own flags (see cli.run_tool).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints/ dir.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", None, "Prompt text", flag_values=FLAGS)
+flags.DEFINE_string("input", None, "JSONL file whose lines have a 'prompt' field.", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "sentencepiece .model, tokenizer.json or a directory with one (default: "
+                    "the run's data.tokenizer).", flag_values=FLAGS)
+flags.DEFINE_bool("chat_template", False, "Wrap each prompt in the chat template.", flag_values=FLAGS)
+flags.DEFINE_integer("gen_length", 128, "Tokens generated per prompt.", flag_values=FLAGS)
+flags.DEFINE_integer("block_length", None, "Semi-autoregressive block length (default: gen_length).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "Sampling steps over all blocks (default: gen_length).", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0: greedy.", flag_values=FLAGS)
+flags.DEFINE_enum("remasking", "low_confidence", list(sampling.REMASKING), "Which predictions stay masked.",
+                  flag_values=FLAGS)
+flags.DEFINE_float("cfg_scale", 0.0, "Unsupervised classifier-free guidance weight w; 0: off.", flag_values=FLAGS)
+flags.DEFINE_bool("suppress_eos", False, "Set the EOS logit to -inf.", flag_values=FLAGS)
+flags.DEFINE_float("eos_confidence_penalty", 0.0, "Subtracted from the confidence of EOS/EoT picks.",
+                   flag_values=FLAGS)
+flags.DEFINE_enum("cache", "none", list(sampling.CACHE_MODES), "Key/value cache.", flag_values=FLAGS)
+flags.DEFINE_integer("refresh_every", 0, "With a cache, also recompute it every this many steps; 0: block "
+                     "starts only.", flag_values=FLAGS)
+flags.DEFINE_float("threshold", None, "Confidence-threshold parallel decoding.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "JSONL output file (default: stdout).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Root of every prompt's random key.", flag_values=FLAGS)
+flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["prompt", "input"], required=True, flag_values=FLAGS)
+
 
 def read_prompts(path: str) -> list[str]:
   """The `prompt` field of every line of a JSONL file, checked (errors name file, line and field)."""
-  return [sources.get_string(obj, "prompt", path=path, line=line) for line, obj in sources.iter_jsonl(path)]
+  return [readers.get_string(obj, "prompt", path=path, line=line) for line, obj in readers.iter_jsonl(path)]
 
 
 def _check_tokenizer(tok, model_cfg) -> None:
@@ -41,34 +75,8 @@ def _check_tokenizer(tok, model_cfg) -> None:
                        "expected the tokenizer the model was trained with")
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m llada_jax.generate", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a training run's workdir or its checkpoints/ dir")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  source = p.add_mutually_exclusive_group(required=True)
-  source.add_argument("--prompt", action="append", help="prompt text; repeat for several")
-  source.add_argument("--input", help="JSONL file whose lines have a 'prompt' field")
-  p.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer.json or a directory with one (default: the run's data.tokenizer)")
-  p.add_argument("--chat_template", action="store_true", help="wrap each prompt in the chat template")
-  p.add_argument("--gen_length", type=int, default=128)
-  p.add_argument("--block_length", type=int, default=None, help="default: gen_length")
-  p.add_argument("--steps", type=int, default=None, help="default: gen_length")
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--remasking", choices=sampling.REMASKING, default="low_confidence")
-  p.add_argument("--cfg_scale", type=float, default=0.0)
-  p.add_argument("--suppress_eos", action="store_true")
-  p.add_argument("--eos_confidence_penalty", type=float, default=0.0)
-  p.add_argument("--cache", choices=sampling.CACHE_MODES, default="none")
-  p.add_argument("--refresh_every", type=int, default=0)
-  p.add_argument("--threshold", type=float, default=None)
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
-  p.add_argument("--output", default=None, help="JSONL output file (default: stdout)")
-  p.add_argument("--seed", type=int, default=0)
-  return p
-
-
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args) -> list[dict]:
+  """Completions of the prompts as the flags (`args`, read by attribute) say."""
   if args.batch_size <= 0:
     raise ValueError(f"--batch_size={args.batch_size}: expected a positive integer")
   # Inputs first: a bad file fails before the model is loaded.
@@ -113,18 +121,22 @@ def run(args: argparse.Namespace) -> list[dict]:
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    results = run(args)
-  except cli.USER_ERRORS as e:
-    return cli.fail(e)
+def _command(positional: list[str]) -> int:
+  if positional:
+    raise app.UsageError(f"unexpected arguments {' '.join(positional)}; expected flags only")
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+  results = run(args)
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
   if args.output:
-    cli.write_text_atomic(args.output, lines)
+    files.write_text_atomic(args.output, lines)
   else:
     sys.stdout.write(lines)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the tool on `argv` (the arguments after the program name; default: the command line)."""
+  return cli.run_tool(_command, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ _ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture and numerics of the mask predictor (REFERENCE section 1)."""
+  """Architecture and numerics of the mask predictor (docs/method.md, "Architecture")."""
 
   vocab_size: int
   d_model: int
@@ -63,8 +63,7 @@ class ModelConfig:
   scan_layers: bool = False
   # "xla": einsum + float32 softmax; "jax"/"cudnn": jax.nn.dot_product_attention; "auto": cuDNN's fused
   # attention on GPU for 16-bit compute where its kernels apply (none is float32), "xla" elsewhere
-  # (on CPU it measured as fast as jax.nn.dot_product_attention's XLA path; README, "Benchmarks and
-  # performance").
+  # (on CPU it measured as fast as jax.nn.dot_product_attention's XLA path: docs/benchmarks.md).
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -142,7 +141,7 @@ class ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Initialisation ("mitchell", REFERENCE section 1): truncated normal cut at +-3 sigma, where sigma
+# Initialisation ("mitchell", docs/method.md, "Architecture"): truncated normal cut at +-3 sigma, where sigma
 # is the std of the untruncated normal (as torch.nn.init.trunc_normal_).
 
 
@@ -186,7 +185,7 @@ def contract(spec: str, x: Array, y: Array, out_dtype) -> Array:
   matmuls then run as bfloat16 matmuls with float32 accumulation, where the default rules would
   give float32 x bfloat16 or bfloat16-output products, which XLA:CPU runs as float32 matmuls with
   converted copies of the operands. The explicit forms also measured faster in float32 on CPU
-  than the default transposition of `einsum` (README, "Benchmarks and performance"). Each index of
+  than the default transposition of `einsum` (docs/benchmarks.md). Each index of
   `spec` must appear in the output or in both operands. The output is named for the remat policies: a
   matmul with batch dimensions (indices in both operands and the output: attention) or without.
   """

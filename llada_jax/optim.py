@@ -1,6 +1,6 @@
 """Learning-rate schedules and the AdamW optimizer, built from the `optimizer` config section.
 
-Schedules (REFERENCE section 2 and 5):
+Schedules (docs/method.md, "Recipes"):
 
   wsd       warmup-stable-decay (LLaDA pretraining): linear 0 -> lr over `warmup_steps`, hold lr;
             at `decay_start` drop to `decay_lr`, hold it until `anneal_start` (default: decay_start),
@@ -55,7 +55,7 @@ _RECIPES = {
 
 
 def default_optimizer_config(recipe: str = "pretrain") -> ml_collections.ConfigDict:
-  """Every optimizer field, with the values of one REFERENCE recipe ('pretrain', 'sft', 'vrpo').
+  """Every optimizer field, with the values of one paper recipe (docs/method.md, "Recipes") ('pretrain', 'sft', 'vrpo').
 
   Betas 0.9/0.95, eps 1e-8, clipping at 1.0 and decay on all parameters are not stated for LLaDA
   pretraining/SFT; they follow SMDM, the LLaDA authors' earlier code (?).

@@ -1,4 +1,4 @@
-"""Reverse-process samplers for the mask predictor (REFERENCE section 4).
+"""Reverse-process samplers for the mask predictor (docs/method.md, "Sampler").
 
 The exact sampler is the reference algorithm: the prompt is followed by `gen_length` mask tokens,
 filled block by block, left to right, in `steps / num_blocks` steps per block; each step runs the
@@ -267,6 +267,36 @@ class _State(NamedTuple):
   commit_confidence: Any
 
 
+def _prepare_inputs(prompt_lengths, prompt_len: int, length: int, copies: int) -> "_Inputs":
+  """Key masks and positions of left-padded prompts (tiled for the guidance copies), and which
+  positions hold prompt tokens."""
+  idx = jnp.arange(length)
+  padding = (prompt_len - prompt_lengths.astype(jnp.int32))[:, None]
+  key_mask = idx[None, :] >= padding
+  positions = jnp.maximum(idx[None, :] - padding, 0).astype(jnp.int32)
+  return _Inputs(jnp.tile(key_mask, (copies, 1)), jnp.tile(positions, (copies, 1)),
+                 key_mask & (idx[None, :] < prompt_len))
+
+
+def _initial_state(x, model_cfg, config: SamplerConfig, *, copies: int) -> "_State":
+  """The loop state before the first step: an empty KV cache where the sampler keeps one."""
+  batch, length = x.shape
+  gen, max_steps = config.gen_length, config.max_steps_per_block
+  cache = None
+  if config.cache != "none":
+    cache_shape = (model_cfg.n_layers, copies * batch, length, model_cfg.kv_heads,
+                   model_cfg.resolved_head_dim)
+    cache = model_lib.KVCache(jnp.zeros(cache_shape, model_cfg.compute_dtype),
+                              jnp.zeros(cache_shape, model_cfg.compute_dtype))
+  zero = jnp.zeros((), jnp.int32)
+  return _State(
+      x=x, cache=cache, step=zero, nfe=zero, full_forwards=zero,
+      block_steps=jnp.zeros((config.num_blocks,), jnp.int32),
+      history=(jnp.full((batch, config.num_blocks * max_steps, gen), -1, jnp.int32)
+               if config.record_history else None),
+      commit_confidence=jnp.full((batch, gen), jnp.nan, jnp.float32) if config.record_history else None)
+
+
 def _sample(params, prompts, prompt_lengths, row_keys, *, model_cfg, config: SamplerConfig) -> SampleOutput:
   mask_id, eos_id = model_cfg.mask_token_id, model_cfg.eos_token_id
   batch, prompt_len = prompts.shape
@@ -275,13 +305,8 @@ def _sample(params, prompts, prompt_lengths, row_keys, *, model_cfg, config: Sam
   max_steps = config.max_steps_per_block
   schedule = jnp.asarray(transfer_schedule(block_len, config.steps_per_block))
 
-  idx = jnp.arange(length)
-  padding = (prompt_len - prompt_lengths.astype(jnp.int32))[:, None]
-  key_mask = idx[None, :] >= padding
-  positions = jnp.maximum(idx[None, :] - padding, 0).astype(jnp.int32)
-  copies = 2 if config.cfg_scale else 1
-  inputs = _Inputs(jnp.tile(key_mask, (copies, 1)), jnp.tile(positions, (copies, 1)),
-                   key_mask & (idx[None, :] < prompt_len))
+  copies = 2 if config.cfg_scale else 1  # guidance runs a prompt-masked copy of every row
+  inputs = _prepare_inputs(prompt_lengths, prompt_len, length, copies)
   x = jnp.concatenate([prompts.astype(jnp.int32), jnp.full((batch, gen), mask_id, jnp.int32)], axis=1)
 
   def block_of(x, start):
@@ -338,19 +363,7 @@ def _sample(params, prompts, prompt_lengths, row_keys, *, model_cfg, config: Sam
     state = jax.lax.while_loop(not_done, body, state)
     return state._replace(block_steps=state.block_steps.at[block].set(state.step))
 
-  cache = None
-  if config.cache != "none":
-    cache_shape = (model_cfg.n_layers, copies * batch, length, model_cfg.kv_heads,
-                   model_cfg.resolved_head_dim)
-    cache = model_lib.KVCache(jnp.zeros(cache_shape, model_cfg.compute_dtype),
-                              jnp.zeros(cache_shape, model_cfg.compute_dtype))
-  zero = jnp.zeros((), jnp.int32)
-  state = _State(
-      x=x, cache=cache, step=zero, nfe=zero, full_forwards=zero,
-      block_steps=jnp.zeros((config.num_blocks,), jnp.int32),
-      history=(jnp.full((batch, config.num_blocks * max_steps, gen), -1, jnp.int32)
-               if config.record_history else None),
-      commit_confidence=jnp.full((batch, gen), jnp.nan, jnp.float32) if config.record_history else None)
+  state = _initial_state(x, model_cfg, config, copies=copies)
 
   if config.cache == "prefix":
     # The span (block + suffix) shrinks block by block; shapes are static, so one loop body per block.

@@ -1,4 +1,4 @@
-"""VRPO: DPO on ELBO estimates with variance reduction (LLaDA 1.5, REFERENCE section 5).
+"""VRPO: DPO on ELBO estimates with variance reduction (LLaDA 1.5, docs/method.md, "VRPO").
 
     score = beta * [(B_theta(y_w) - B_ref(y_w)) - (B_theta(y_l) - B_ref(y_l))]
     loss  = -log sigmoid(score)
@@ -41,6 +41,10 @@ def dpo_loss(score: Array) -> Array:
   return -jax.nn.log_sigmoid(score)
 
 
+# Naive DPO: one timestep, one mask and no antithetic sampling (docs/method.md, "VRPO").
+NAIVE_DPO_BUDGET = {"n_timesteps": 1, "masks_per_timestep": 1, "antithetic": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class VRPOConfig:
   beta: float = 0.2
@@ -59,7 +63,11 @@ class VRPOConfig:
 
   @classmethod
   def naive_dpo(cls, **overrides) -> "VRPOConfig":
-    return cls(**{"n_timesteps": 1, "masks_per_timestep": 1, "antithetic": False, **overrides})
+    return cls(**{**NAIVE_DPO_BUDGET, **overrides})
+
+  def as_naive_dpo(self) -> "VRPOConfig":
+    """The naive-DPO baseline of this config: every setting kept but the sampling budget."""
+    return dataclasses.replace(self, **NAIVE_DPO_BUDGET)
 
 
 def _pair_inputs(batch):

@@ -1,4 +1,5 @@
-"""Tests of the benchmark CLI (`llada_jax/bench.py`) on tiny models; the timings themselves are not checked."""
+"""Tests of the benchmark (`llada_jax.bench`: its sections and command line) on tiny models; the timings
+themselves are not checked."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax import bench, sampling
+from llada_jax import sampling
+from llada_jax.bench import __main__ as bench_cli
+from llada_jax.bench import ceiling, core, elbo, sizes, train_step
+from llada_jax.bench import sampling as sampling_section
 from llada_jax.data import demo_task, tokenizer as tokenizer_lib
 
 # Small enough that compilation dominates; two blocks, so cached variants have 2 full passes.
@@ -38,7 +42,7 @@ def flags(*extra):
 
 @pytest.fixture(scope="module")
 def sampling_results():
-  return bench.bench_sampling(bench.Context(bench.parse_args(flags())))
+  return sampling_section.bench_sampling(core.Context(bench_cli.parse_args(flags())))
 
 
 def test_sampling_rows_and_forward_counts(sampling_results):
@@ -65,10 +69,10 @@ def test_sampling_rows_and_forward_counts(sampling_results):
 
 
 def test_table_lists_every_variant(sampling_results):
-  table = bench.format_table("sampling", sampling_results)
+  table = core.format_table("sampling", sampling_results)
   assert all(v in table for v in VARIANTS) and "tokens/s" in table
   assert "accuracy" not in table  # columns with no values are left out
-  md = bench.format_table("sampling", sampling_results, markdown=True).splitlines()
+  md = core.format_table("sampling", sampling_results, markdown=True).splitlines()
   assert md[2].startswith("| variant |") and md[3] == "|" + " --- |" * md[2].count(" | ") + " --- |"
   assert len(md) == 4 + len(sampling_results) and all(line.count("|") == md[2].count("|") for line in md[2:])
 
@@ -76,7 +80,7 @@ def test_table_lists_every_variant(sampling_results):
 def test_cli_writes_json_with_command_and_rows(tmp_path, capsys):
   out = tmp_path / "res" / "bench.json"
   argv = ["--only", "sampling", *flags("--variants", "exact,dual", "--model.dtype=float32", "--output", str(out))]
-  assert bench.main(argv) == 0
+  assert bench_cli.main(argv) == 0
   assert "dual" in capsys.readouterr().out
   report = json.loads(out.read_text())
   assert report["command"] == "python -m llada_jax.bench " + " ".join(argv)
@@ -92,13 +96,27 @@ def test_cli_writes_json_with_command_and_rows(tmp_path, capsys):
 
 
 def test_model_flags():
-  args = bench.parse_args(["--model", "tiny", "--model.n_layers=1", "--model.dtype", "bfloat16",
+  args = bench_cli.parse_args(["--model", "tiny", "--model.n_layers=1", "--model.dtype", "bfloat16",
                            "--model_overrides", "d_model=64,rope_theta=1e4"])
-  cfg = bench.model_config_from_preset(args.model, args.model_overrides)
+  cfg = core.model_config_from_preset(args.model, args.model_overrides)
   assert (cfg.n_layers, cfg.dtype, cfg.d_model, cfg.rope_theta) == (1, "bfloat16", 64, 1e4)
-  reference = bench.model_config_from_preset("reference", {})
+  reference = core.model_config_from_preset("reference", {})
   assert (reference.d_model, reference.n_layers, reference.n_heads, reference.mlp_hidden_size,
           reference.vocab_size) == (512, 8, 8, 1536, 8192)
+
+
+def test_each_parse_starts_from_the_defaults():
+  first = bench_cli.parse_args(["--model", "tiny", "--batch_sizes", "2,4", "--markdown", "--model.n_layers=1"])
+  again = bench_cli.parse_args(["--model", "tiny"])
+  assert (first.batch_sizes, first.markdown, first.model_overrides) == ([2, 4], True, {"n_layers": 1})
+  assert (again.batch_sizes, again.markdown, again.model_overrides) == ([1, 8], False, {})
+
+
+def test_help_shows_the_usage_and_every_flag(capsys):
+  assert bench_cli.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(bench_cli.__doc__.splitlines()[0]) and "python -m llada_jax.bench [--only" in out
+  assert all(f"--{name}:" in out or f"--[no]{name}:" in out for name in vars(bench_cli.parse_args([])))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -109,14 +127,13 @@ def test_model_flags():
     (["--model", "tiny", "--checkpoint", "run"], "expected one of them"),
 ])
 def test_bad_flags_fail_with_a_message(argv, message, capsys):
-  assert bench.main(argv) == 1
+  assert bench_cli.main(argv) == 1
   assert message in capsys.readouterr().err
 
 
 def test_malformed_override_is_a_usage_error(capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    bench.main(["--model", "tiny", "--model_overrides", "d_model"])
-  assert exit_info.value.code == 2 and "'d_model' is not FIELD=VALUE" in capsys.readouterr().err
+  assert bench_cli.main(["--model", "tiny", "--model_overrides", "d_model"]) == 2
+  assert "'d_model' is not FIELD=VALUE" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +154,7 @@ def test_accuracy_columns_with_a_checkpoint(trained_run, tmp_path, capsys):
   prompt_length = sampling.bucket_length(max(len(tokenizer.encode(ex["prompt"]))
                                              for ex in demo_task.read_jsonl(test_file)))
   out = tmp_path / "bench.json"
-  assert bench.main(["--only", "sampling", "--checkpoint", str(run_dir), "--task_data", test_file,
+  assert bench_cli.main(["--only", "sampling", "--checkpoint", str(run_dir), "--task_data", test_file,
                      "--num_examples", "2", "--eval_batch_size", "2", "--batch_sizes", "2",
                      "--variants", "exact,dual+threshold", "--prompt_length", str(prompt_length),
                      "--gen_length", "8", "--block_length", "4",
@@ -159,7 +176,7 @@ def test_task_data_without_answers_is_refused(trained_run, tmp_path, capsys):
   run_dir, _, _ = trained_run
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"prompt": "Mia has 2 apples.\n"}) + "\n")
-  assert bench.main(["--only", "sampling", "--checkpoint", str(run_dir), "--task_data", str(bad)]) == 1
+  assert bench_cli.main(["--only", "sampling", "--checkpoint", str(run_dir), "--task_data", str(bad)]) == 1
   assert f"{bad}, example 1: expected a demo-task object" in capsys.readouterr().err
 
 
@@ -177,19 +194,19 @@ def cheap_steps():
     yield
     return
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(bench, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    mp.setattr(train_step, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
     yield
 
 
 @pytest.fixture(scope="module")
 def step_run(cheap_steps):
-  ctx = bench.Context(bench.parse_args([*STEP_FLAGS, "--objectives", "pretrain,vrpo", "--vrpo_n", "2"]))
-  return ctx, bench.bench_train_step(ctx)
+  ctx = core.Context(bench_cli.parse_args([*STEP_FLAGS, "--objectives", "pretrain,vrpo", "--vrpo_n", "2"]))
+  return ctx, train_step.bench_train_step(ctx)
 
 
 def test_ceiling_rows(cheap_steps):
-  ctx = bench.Context(bench.parse_args([*STEP_FLAGS, "--dtype", "float32,bfloat16"]))
-  rows = {r.name: r for r in bench.bench_ceiling(ctx)}
+  ctx = core.Context(bench_cli.parse_args([*STEP_FLAGS, "--dtype", "float32,bfloat16"]))
+  rows = {r.name: r for r in ceiling.bench_ceiling(ctx)}
   assert list(rows) == ["matmul_float32", "matmul_bfloat16", "bandwidth"]
   for dtype in ("float32", "bfloat16"):
     r = rows[f"matmul_{dtype}"]
@@ -199,7 +216,7 @@ def test_ceiling_rows(cheap_steps):
   n = 4 * (1 << 20) // 4
   assert bw.settings["size"] == n and bw.metrics["bytes_moved"] == 2 * 4 * n
   assert bw.metrics["gb_per_s"] == pytest.approx(2 * 4 * n / bw.median_s / 1e9)
-  assert "GB/s" in bench.format_table("ceiling", list(rows.values()))
+  assert "GB/s" in core.format_table("ceiling", list(rows.values()))
 
 
 def test_train_step_rows_rates_and_flops(step_run):
@@ -208,7 +225,7 @@ def test_train_step_rows_rates_and_flops(step_run):
   ctx, results = step_run
   rows = {r.name: r for r in results}
   assert list(rows) == ["tiny/float32/pretrain", "tiny/float32/vrpo/n2/online", "tiny/float32/vrpo/n2/precomputed"]
-  cfg = model_lib.ModelConfig.from_dict(bench.model_config_from_preset("tiny", {}).__dict__)
+  cfg = model_lib.ModelConfig.from_dict(core.model_config_from_preset("tiny", {}).__dict__)
   b, l = 8, 16
   ceiling = ctx.ceilings.flops_per_s("float32")
   for r in results:
@@ -239,25 +256,25 @@ def test_train_step_rows_rates_and_flops(step_run):
   assert precomputed.metrics["step_time_vs_online"] == pytest.approx(precomputed.median_s / online.median_s)
   assert online.metrics["step_time_vs_online"] == 1.0
   assert precomputed.metrics["reference_precompute_s"] > 0
-  table = bench.format_table("train_step", results)
+  table = core.format_table("train_step", results)
   assert "MFU" in table and "precomputed" in table and "vs online" in table
 
 
 def test_micro_batches_keep_within_the_token_budget():
-  args = bench.parse_args(["--max_micro_batch_tokens", "8192"])
-  ref = bench.SIZES["ref35m"]  # 8 pairs of 256 tokens
-  assert bench.grad_accum_steps(args, "pretrain", ref, 1, shards=1) == 1
-  assert bench.grad_accum_steps(args, "vrpo", ref, 1, shards=1) == 1  # 16 rows x 256 = 4096 tokens
-  assert bench.grad_accum_steps(args, "vrpo", ref, 8, shards=1) == 4  # 128 rows -> 4 x 32 rows
-  assert bench.grad_accum_steps(args, "vrpo", ref, 8, shards=4) == 2  # micro-batches split over 4 shards
+  args = bench_cli.parse_args(["--max_micro_batch_tokens", "8192"])
+  ref = sizes.SIZES["ref35m"]  # 8 pairs of 256 tokens
+  assert train_step.grad_accum_steps(args, "pretrain", ref, 1, shards=1) == 1
+  assert train_step.grad_accum_steps(args, "vrpo", ref, 1, shards=1) == 1  # 16 rows x 256 = 4096 tokens
+  assert train_step.grad_accum_steps(args, "vrpo", ref, 8, shards=1) == 4  # 128 rows -> 4 x 32 rows
+  assert train_step.grad_accum_steps(args, "vrpo", ref, 8, shards=4) == 2  # micro-batches split over 4 shards
   args.grad_accum_steps = 2
-  assert bench.grad_accum_steps(args, "vrpo", ref, 8, shards=1) == 2  # an explicit count wins
+  assert train_step.grad_accum_steps(args, "vrpo", ref, 8, shards=1) == 2  # an explicit count wins
 
 
 def test_elbo_rows():
-  ctx = bench.Context(bench.parse_args([*STEP_FLAGS, "--mc_num", "8,16", "--elbo_batch_size", "8",
+  ctx = core.Context(bench_cli.parse_args([*STEP_FLAGS, "--mc_num", "8,16", "--elbo_batch_size", "8",
                                         "--elbo_sequences", "3"]))
-  results = bench.bench_elbo(ctx)
+  results = elbo.bench_elbo(ctx)
   assert [r.name for r in results] == ["tiny/float32/mc8", "tiny/float32/mc16"]
   for r, mc_num in zip(results, (8, 16)):
     m = r.metrics
@@ -271,7 +288,7 @@ def test_elbo_rows():
 def test_cli_report_holds_the_ceilings(tmp_path, cheap_steps):
   out = tmp_path / "bench.json"
   argv = ["--only", "ceiling,train_step", *STEP_FLAGS, "--objectives", "sft", "--output", str(out)]
-  assert bench.main(argv) == 0
+  assert bench_cli.main(argv) == 0
   report = json.loads(out.read_text())
   assert [r["section"] for r in report["results"]] == ["ceiling", "ceiling", "train_step"]
   assert set(report["ceilings"]) == {"float32"}
@@ -283,11 +300,13 @@ def test_cli_report_holds_the_ceilings(tmp_path, cheap_steps):
 @pytest.mark.parametrize("argv, message", [
     (["--size", "huge"], "--size=huge"),
     (["--dtype", "float64"], "--dtype=float64"),
+    (["--batch_sizes", "1,a"], "--batch_sizes=1,a: expected comma-separated integers"),
+    (["--nope", "1"], "Unknown command line flag 'nope'"),
+    (["ceiling"], "unexpected arguments: ceiling"),
 ])
 def test_bad_sizes_are_usage_errors(argv, message, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    bench.main(argv)
-  assert exit_info.value.code == 2 and message in capsys.readouterr().err
+  assert bench_cli.main(argv) == 2
+  assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -297,7 +316,7 @@ def test_bad_sizes_are_usage_errors(argv, message, capsys):
     (["--only", "elbo", "--size", "tiny", "--mc_num", "12", "--elbo_batch_size", "8"], "mc_num=12"),
 ])
 def test_bad_section_flags_fail_with_a_message(argv, message, capsys):
-  assert bench.main(argv) == 1
+  assert bench_cli.main(argv) == 1
   assert message in capsys.readouterr().err
 
 
@@ -305,8 +324,8 @@ def test_rates_against_a_known_device_peak(monkeypatch):
   from llada_jax import metrics  # noqa: PLC0415
 
   monkeypatch.setattr(metrics, "peak_flops_per_device", lambda dtype: 1e12 if dtype == "bfloat16" else None)
-  r = bench._rates(6e11, 2.0, 5e11, "bfloat16")  # 3e11 FLOP/s per device on one device
+  r = ceiling.rates(6e11, 2.0, 5e11, "bfloat16")  # 3e11 FLOP/s per device on one device
   assert r["achieved_flops_per_s"] == pytest.approx(3e11 / jax.device_count())
   assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 5e11)
   assert r["mfu_datasheet"] == pytest.approx(r["achieved_flops_per_s"] / 1e12)
-  assert bench._rates(6e11, 2.0, 5e11, "float32")["mfu_datasheet"] is None
+  assert ceiling.rates(6e11, 2.0, 5e11, "float32")["mfu_datasheet"] is None

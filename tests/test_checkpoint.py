@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from llada_jax import checkpoint
+from llada_jax.storage import checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -337,7 +337,7 @@ def test_watcher_multiprocess_uses_jax_preemption_sync(monkeypatch):
 SIGTERM_LOOP = """
 import pathlib, sys, time
 import jax.numpy as jnp
-from llada_jax import checkpoint
+from llada_jax.storage import checkpoint
 
 directory, ready = sys.argv[1], pathlib.Path(sys.argv[2])
 state = {"step": jnp.asarray(0), "params": {"w": jnp.zeros((8,))}}
@@ -394,7 +394,7 @@ RESHARD = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from llada_jax import checkpoint
+from llada_jax.storage import checkpoint
 
 assert jax.device_count() == 8, jax.devices()
 directory = sys.argv[1]
@@ -456,7 +456,7 @@ jax.config.update("jax_enable_preemption_service", service == "on")
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from llada_jax import checkpoint
+from llada_jax.storage import checkpoint
 
 mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
 sharding = NamedSharding(mesh, P("data"))

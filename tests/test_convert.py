@@ -1,8 +1,9 @@
-"""Tests for llada_jax.convert (Hugging Face LLaDA <-> llada_jax) and the tokenizer.json backend.
+"""Tests for llada_jax.storage.huggingface and its CLI llada_jax.convert (Hugging Face LLaDA <-> llada_jax),
+and the tokenizer.json backend.
 
 Checkpoints are tiny random LLaDA models written with `safetensors.numpy`; the imported model's
 logits are checked against a float64 NumPy forward pass computed straight from those tensors by
-the formulas of REFERENCE section 1, not through llada_jax code.
+the formulas of docs/method.md, "Architecture", not through llada_jax code.
 """
 
 import json
@@ -17,11 +18,13 @@ import numpy as np
 import pytest
 import safetensors.numpy as st
 
-from llada_jax import checkpoint as ckpt_lib
+from llada_jax.storage import checkpoint as ckpt_lib
 from llada_jax import convert
 from llada_jax import model as model_lib
 from llada_jax.data import DataError
 from llada_jax.data import tokenizer as tok_lib
+from llada_jax.storage import hf_config as hf_config_lib
+from llada_jax.storage import hf_names, huggingface
 
 SPECIAL_TOKENS = (tok_lib.BOS_TOKEN, tok_lib.EOS_TOKEN, tok_lib.MASK_TOKEN, tok_lib.START_HEADER_TOKEN,
                   tok_lib.END_HEADER_TOKEN, tok_lib.EOT_TOKEN)
@@ -29,7 +32,7 @@ LLADA_IDS = {tok_lib.BOS_TOKEN: 126080, tok_lib.EOS_TOKEN: 126081, tok_lib.MASK_
              tok_lib.START_HEADER_TOKEN: 126346, tok_lib.END_HEADER_TOKEN: 126347, tok_lib.EOT_TOKEN: 126348}
 CORPUS = ["the cat sat on the mat", "what is 7 plus 5? it is 12.", "hello world\n\nsecond paragraph",
           "naïve café 数据 😀", "Mia has 7 apples. She buys 5 more."] * 20
-P = convert._PREFIX  # pylint: disable=protected-access
+P = hf_names.PREFIX
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def build_tokenizer(path, *, llada_ids=False, special=True, drop=None):
 
 def hf_config(**overrides):
   """A LLaDA-8B-style config.json for a tiny model."""
-  config = dict(convert._LLADA_CONFIG_TEMPLATE)  # pylint: disable=protected-access
+  config = dict(hf_config_lib._LLADA_CONFIG_TEMPLATE)  # pylint: disable=protected-access
   config.update(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48, embedding_size=320,
                 vocab_size=320, rope_theta=10000.0, rms_norm_eps=1e-5, max_sequence_length=64,
                 mask_token_id=302, eos_token_id=301, pad_token_id=301, bos_token_id=300,
@@ -126,7 +129,7 @@ def read_hf_dir(path):
 
 
 # --------------------------------------------------------------------------------------------
-# The float64 reference forward pass (REFERENCE section 1), from the Hugging Face tensors.
+# The float64 reference forward pass (docs/method.md, "Architecture"), from the Hugging Face tensors.
 
 
 def reference_logits(t, config, tokens):
@@ -189,7 +192,7 @@ def test_import_matches_reference_forward(tmp_path, n_kv_heads, scan_layers):
   config = hf_config(n_kv_heads=n_kv_heads)
   tensors = hf_tensors(config, seed=n_kv_heads)
   hf = write_hf_dir(tmp_path / "hf", config, tensors)
-  cfg = convert.import_checkpoint(hf, tmp_path / "run", scan_layers=scan_layers)
+  cfg = huggingface.import_checkpoint(hf, tmp_path / "run", scan_layers=scan_layers)
   assert (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.n_layers, cfg.mlp_hidden_size, cfg.vocab_size) == (
       32, 4, n_kv_heads, 2, 48, 320)
   assert (cfg.mask_token_id, cfg.eos_token_id, cfg.bos_token_id, cfg.rope_theta) == (302, 301, 300, 10000.0)
@@ -208,7 +211,7 @@ def test_reference_forward_detects_a_layout_error(tmp_path):
   swapped = dict(tensors)
   name = P + "blocks.0.q_proj.weight"
   swapped[name] = tensors[name].reshape(config["n_heads"], hd, -1).transpose(1, 0, 2).reshape(tensors[name].shape)
-  convert.import_checkpoint(write_hf_dir(tmp_path / "hf", config, swapped), tmp_path / "run")
+  huggingface.import_checkpoint(write_hf_dir(tmp_path / "hf", config, swapped), tmp_path / "run")
   ours, _, _ = llada_logits(tmp_path / "run", TOKENS)
   ref = reference_logits(tensors, config, TOKENS)
   assert np.abs(ours - ref).max() > 1e-2 * np.abs(ref).max()
@@ -218,7 +221,7 @@ def test_imported_run_is_a_run_directory(tmp_path):
   config = hf_config()
   tensors = hf_tensors(config)
   hf = write_hf_dir(tmp_path / "hf", config, tensors, tokenizer=True)
-  cfg = convert.import_checkpoint(hf, tmp_path / "run")
+  cfg = huggingface.import_checkpoint(hf, tmp_path / "run")
   run = tmp_path / "run"
   assert sorted(os.listdir(run)) == ["checkpoints", "tokenizer.json"]
   assert sorted(os.listdir(run / "checkpoints")) == ["0"]
@@ -243,7 +246,8 @@ def test_imported_run_restores_onto_a_mesh(tmp_path):
   """Training's init_from restores onto sharded targets; the leaves were written as numpy arrays."""
   config = hf_config()
   tensors = hf_tensors(config)
-  cfg = convert.import_checkpoint(write_hf_dir(tmp_path / "hf", config, tensors), tmp_path / "run", scan_layers=True)
+  cfg = huggingface.import_checkpoint(write_hf_dir(tmp_path / "hf", config, tensors), tmp_path / "run",
+                                      scan_layers=True)
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
 
   def sharded(x):
@@ -266,7 +270,7 @@ def test_generate_runs_on_an_imported_checkpoint(tmp_path):
 
   config = hf_config()
   hf = write_hf_dir(tmp_path / "hf", config, hf_tensors(config), tokenizer=True)
-  convert.import_checkpoint(hf, tmp_path / "run")
+  huggingface.import_checkpoint(hf, tmp_path / "run")
   out = tmp_path / "out.jsonl"
   rc = generate.main(["--checkpoint", str(tmp_path / "run"), "--prompt", "what is 7 plus 5?", "--chat_template",
                       "--gen_length", "8", "--steps", "4", "--batch_size", "1", "--output", str(out)])
@@ -299,9 +303,9 @@ def test_round_trip_is_bit_identical(tmp_path, scan_layers):
   config = hf_config()
   tensors = hf_tensors(config, seed=7)
   hf = write_hf_dir(tmp_path / "hf", config, tensors, shards=3)  # sharded input
-  convert.import_checkpoint(hf, tmp_path / "run", scan_layers=scan_layers)
+  huggingface.import_checkpoint(hf, tmp_path / "run", scan_layers=scan_layers)
   max_shard = 40_000  # several output shards for a ~100 KB model
-  summary = convert.export_checkpoint(tmp_path / "run", tmp_path / "out", max_shard_size=max_shard)
+  summary = huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out", max_shard_size=max_shard)
   out = tmp_path / "out"
   exported = read_hf_dir(out)
   assert set(exported) == set(tensors)
@@ -317,7 +321,7 @@ def test_round_trip_is_bit_identical(tmp_path, scan_layers):
     assert written[key] == value, key
   assert written["torch_dtype"] == "float32" and written["bos_token_id"] == 300
   # And back again: the exported directory imports to the same parameters.
-  convert.import_checkpoint(out, tmp_path / "run2", scan_layers=scan_layers)
+  huggingface.import_checkpoint(out, tmp_path / "run2", scan_layers=scan_layers)
   p1 = ckpt_lib.load_model(tmp_path / "run")[1]
   p2 = ckpt_lib.load_model(tmp_path / "run2")[1]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p2)
@@ -326,8 +330,8 @@ def test_round_trip_is_bit_identical(tmp_path, scan_layers):
 def test_sharded_and_single_file_inputs_import_alike(tmp_path):
   config = hf_config()
   tensors = hf_tensors(config, seed=3)
-  convert.import_checkpoint(write_hf_dir(tmp_path / "one", config, tensors), tmp_path / "run1")
-  convert.import_checkpoint(write_hf_dir(tmp_path / "four", config, tensors, shards=4), tmp_path / "run4")
+  huggingface.import_checkpoint(write_hf_dir(tmp_path / "one", config, tensors), tmp_path / "run1")
+  huggingface.import_checkpoint(write_hf_dir(tmp_path / "four", config, tensors, shards=4), tmp_path / "run4")
   p1, p4 = ckpt_lib.load_model(tmp_path / "run1")[1], ckpt_lib.load_model(tmp_path / "run4")[1]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p4)
 
@@ -337,18 +341,18 @@ def test_bfloat16_input(tmp_path):
   tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_tensors(config, seed=4).items()}
   hf = write_hf_dir(tmp_path / "hf", config, tensors)
   # float32 parameters hold the bfloat16 values exactly.
-  convert.import_checkpoint(hf, tmp_path / "f32")
+  huggingface.import_checkpoint(hf, tmp_path / "f32")
   cfg, params, _ = ckpt_lib.load_model(tmp_path / "f32")
   assert cfg.param_dtype == "float32"
   q = np.asarray(params["blocks_0"]["attn"]["q_proj"])
   assert q.dtype == np.float32
   np.testing.assert_array_equal(q, tensors[P + "blocks.0.q_proj.weight"].astype(np.float32).T.reshape(q.shape))
   # bfloat16 parameters are kept bit for bit, and export back to the same bytes.
-  convert.import_checkpoint(hf, tmp_path / "bf16", param_dtype="bfloat16")
+  huggingface.import_checkpoint(hf, tmp_path / "bf16", param_dtype="bfloat16")
   cfg, params, _ = ckpt_lib.load_model(tmp_path / "bf16")
   assert cfg.param_dtype == "bfloat16" and params["wte"].dtype == jax.numpy.bfloat16
   for run in ("f32", "bf16"):
-    convert.export_checkpoint(tmp_path / run, tmp_path / f"out_{run}", dtype="bfloat16")
+    huggingface.export_checkpoint(tmp_path / run, tmp_path / f"out_{run}", dtype="bfloat16")
     exported = read_hf_dir(tmp_path / f"out_{run}")
     for name, t in tensors.items():
       assert exported[name].dtype == ml_dtypes.bfloat16 and exported[name].tobytes() == t.tobytes(), (run, name)
@@ -356,8 +360,8 @@ def test_bfloat16_input(tmp_path):
   # float32 -> bfloat16 on export rounds to nearest even, as torch's .to(torch.bfloat16).
   config32 = hf_config()
   t32 = hf_tensors(config32, seed=9)
-  convert.import_checkpoint(write_hf_dir(tmp_path / "hf32", config32, t32), tmp_path / "r32")
-  convert.export_checkpoint(tmp_path / "r32", tmp_path / "o32", dtype="bfloat16")
+  huggingface.import_checkpoint(write_hf_dir(tmp_path / "hf32", config32, t32), tmp_path / "r32")
+  huggingface.export_checkpoint(tmp_path / "r32", tmp_path / "o32", dtype="bfloat16")
   exported = read_hf_dir(tmp_path / "o32")
   for name, t in t32.items():
     assert exported[name].tobytes() == t.astype(ml_dtypes.bfloat16).tobytes(), name
@@ -365,18 +369,18 @@ def test_bfloat16_input(tmp_path):
 
 def test_export_of_a_training_checkpoint(tmp_path):
   """A checkpoint saved like train.py saves one (jax arrays in a train state), exported and re-imported."""
-  from llada_jax import config_lib
+  from llada_jax import configs
 
   cfg = model_lib.ModelConfig(vocab_size=48, d_model=16, n_layers=2, n_heads=4, n_kv_heads=1, mlp_hidden_size=24,
                               rope_theta=500000.0, mask_token_id=47, eos_token_id=1, bos_token_id=2)
   params = random_params(cfg, seed=3)
-  config = config_lib.base_config().to_dict()
+  config = configs.base_config().to_dict()
   config["model"] = dict(vars(cfg))
   state = {"params": params, "step": np.int32(7), "opt_state": {"mu": jax.tree.map(np.zeros_like, params)}}
   with ckpt_lib.CheckpointManager(tmp_path / "train" / "checkpoints", metadata={"config": config}) as manager:
     manager.save(5, state, force=True)
     manager.save(7, state, force=True)
-  summary = convert.export_checkpoint(tmp_path / "train", tmp_path / "hf", step=5)
+  summary = huggingface.export_checkpoint(tmp_path / "train", tmp_path / "hf", step=5)
   assert summary["step"] == 5 and summary["files"] == ["model.safetensors"]
   assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
   exported = read_hf_dir(tmp_path / "hf")
@@ -392,8 +396,8 @@ def test_export_of_a_training_checkpoint(tmp_path):
           written["mask_token_id"], written["eos_token_id"], written["pad_token_id"], written["bos_token_id"]) == (
               "llada", ["LLaDAModelLM"], 1, 48, 47, 1, 1, 2)
   assert written["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
-  assert convert.model_config_from_hf(written) == cfg
-  convert.import_checkpoint(tmp_path / "hf", tmp_path / "back")
+  assert huggingface.model_config_from_hf(written) == cfg
+  huggingface.import_checkpoint(tmp_path / "hf", tmp_path / "back")
   back = ckpt_lib.load_model(tmp_path / "back")[1]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, back)
 
@@ -403,8 +407,8 @@ def test_export_copies_support_files(tmp_path):
   hf = write_hf_dir(tmp_path / "hf", config, hf_tensors(config), tokenizer=True)
   (hf / "modeling_llada.py").write_text("# model code\n")
   (hf / "configuration_llada.py").write_text("# config code\n")
-  convert.import_checkpoint(hf, tmp_path / "run")
-  convert.export_checkpoint(tmp_path / "run", tmp_path / "out", copy_from=hf)
+  huggingface.import_checkpoint(hf, tmp_path / "run")
+  huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out", copy_from=hf)
   names = sorted(os.listdir(tmp_path / "out"))
   assert names == ["config.json", "configuration_llada.py", "model.safetensors", "modeling_llada.py", "tokenizer.json"]
 
@@ -413,22 +417,22 @@ def test_safetensors_writer_is_read_by_the_library(tmp_path):
   arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((5,), ml_dtypes.bfloat16),
             "c": np.arange(6, dtype=np.float32).reshape(2, 3).T}  # non-contiguous
   specs = [(k, np.dtype(v.dtype), v.shape) for k, v in arrays.items()]
-  convert.write_safetensors(tmp_path / "x.safetensors", specs, arrays.__getitem__, metadata={"format": "pt"})
+  huggingface.write_safetensors(tmp_path / "x.safetensors", specs, arrays.__getitem__, metadata={"format": "pt"})
   loaded = st.load_file(tmp_path / "x.safetensors")
   for k, v in arrays.items():
     assert loaded[k].dtype == v.dtype
     np.testing.assert_array_equal(loaded[k], v)
-  header = convert.read_header(tmp_path / "x.safetensors")
-  np.testing.assert_array_equal(convert.read_tensor(header["c"]), arrays["c"])
+  header = huggingface.read_header(tmp_path / "x.safetensors")
+  np.testing.assert_array_equal(huggingface.read_tensor(header["c"]), arrays["c"])
 
 
 def test_parse_size():
-  assert convert.parse_size("5GB") == 5 * 10**9
-  assert convert.parse_size("500MB") == 500 * 10**6
-  assert convert.parse_size("2GiB") == 2 * 2**30
-  assert convert.parse_size("1000") == 1000
+  assert huggingface.parse_size("5GB") == 5 * 10**9
+  assert huggingface.parse_size("500MB") == 500 * 10**6
+  assert huggingface.parse_size("2GiB") == 2 * 2**30
+  assert huggingface.parse_size("1000") == 1000
   with pytest.raises(ValueError, match="max_shard_size"):
-    convert.parse_size("lots")
+    huggingface.parse_size("lots")
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +441,7 @@ def test_parse_size():
 
 def _measure(fn):
   """(peak bytes the converter's HeldBytes meter saw, tracemalloc peak of Python + NumPy allocations)."""
-  meter = convert.HeldBytes()
+  meter = huggingface.HeldBytes()
   tracemalloc.start()
   try:
     fn(meter)
@@ -450,8 +454,8 @@ def _measure(fn):
 def _warm_up(tmp_path):
   # A first small conversion imports the lazily imported modules, which tracemalloc would count.
   small = hf_config()
-  convert.import_checkpoint(write_hf_dir(tmp_path / "small", small, hf_tensors(small)), tmp_path / "small_run")
-  convert.export_checkpoint(tmp_path / "small_run", tmp_path / "small_out")
+  huggingface.import_checkpoint(write_hf_dir(tmp_path / "small", small, hf_tensors(small)), tmp_path / "small_run")
+  huggingface.export_checkpoint(tmp_path / "small_run", tmp_path / "small_out")
 
 
 def test_conversion_holds_about_one_tensor_at_a_time(tmp_path):
@@ -466,12 +470,12 @@ def test_conversion_holds_about_one_tensor_at_a_time(tmp_path):
   del tensors
   _warm_up(tmp_path)
 
-  held, traced = _measure(lambda m: convert.import_checkpoint(hf, tmp_path / "run", meter=m))
+  held, traced = _measure(lambda m: huggingface.import_checkpoint(hf, tmp_path / "run", meter=m))
   print(f"import: model {total / 1e6:.1f} MB, largest file {largest_file / 1e6:.1f} MB, largest tensor "
         f"{largest_tensor / 1e6:.1f} MB; held {held / 1e6:.1f} MB, traced Python+NumPy peak {traced / 1e6:.1f} MB")
   assert largest_tensor <= held <= largest_tensor + 1024
   assert traced < bound < total
-  held, traced = _measure(lambda m: convert.export_checkpoint(tmp_path / "run", tmp_path / "out", meter=m,
+  held, traced = _measure(lambda m: huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out", meter=m,
                                                               max_shard_size="5MB"))
   print(f"export: held {held / 1e6:.1f} MB, traced Python+NumPy peak {traced / 1e6:.1f} MB")
   assert largest_tensor <= held <= largest_tensor + 1024
@@ -486,12 +490,12 @@ def test_scanned_conversion_memory(tmp_path):
   largest_tensor = max(t.nbytes for t in tensors.values())  # 2 MB: one layer's MLP matrix
   hf = write_hf_dir(tmp_path / "hf", config, tensors, shards=4)
   _warm_up(tmp_path)
-  held, traced = _measure(lambda m: convert.import_checkpoint(hf, tmp_path / "run", scan_layers=True, meter=m))
+  held, traced = _measure(lambda m: huggingface.import_checkpoint(hf, tmp_path / "run", scan_layers=True, meter=m))
   print(f"scanned import: largest tensor {largest_tensor / 1e6:.1f} MB, a stacked leaf "
         f"{4 * largest_tensor / 1e6:.1f} MB; held {held / 1e6:.1f} MB, traced peak {traced / 1e6:.1f} MB")
   assert largest_tensor <= held <= largest_tensor + 1024
   assert traced < 2 * largest_tensor
-  held, _ = _measure(lambda m: convert.export_checkpoint(tmp_path / "run", tmp_path / "out", meter=m))
+  held, _ = _measure(lambda m: huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out", meter=m))
   assert held <= 4 * largest_tensor + 1024
   exported = read_hf_dir(tmp_path / "out")
   assert all(exported[k].tobytes() == v.tobytes() for k, v in tensors.items())
@@ -507,10 +511,10 @@ def good(tmp_path):
   return config, hf_tensors(config)
 
 
-def _import_error(tmp_path, config, tensors, match, exc=convert.ConversionError, **kw):
+def _import_error(tmp_path, config, tensors, match, exc=huggingface.ConversionError, **kw):
   hf = write_hf_dir(tmp_path / "hf", config, tensors, **kw)
   with pytest.raises(exc, match=match):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
   assert not (tmp_path / "run").exists()
   return hf
 
@@ -519,28 +523,28 @@ def test_missing_config(tmp_path, good):
   hf = write_hf_dir(tmp_path / "hf", *good)
   (hf / "config.json").unlink()
   with pytest.raises(FileNotFoundError, match="config.json"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
 
 
 def test_missing_weights(tmp_path, good):
   hf = write_hf_dir(tmp_path / "hf", *good)
   (hf / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
 
 
 def test_shards_without_index(tmp_path, good):
   hf = write_hf_dir(tmp_path / "hf", *good, shards=2)
   (hf / "model.safetensors.index.json").unlink()
   with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors but no model.safetensors.index"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
 
 
 def test_index_names_a_missing_shard(tmp_path, good):
   hf = write_hf_dir(tmp_path / "hf", *good, shards=3)
   (hf / "model-00002-of-00003.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="shard 'model-00002-of-00003.safetensors'.*does not exist"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
 
 
 def test_index_lists_a_tensor_in_the_wrong_shard(tmp_path, good):
@@ -548,9 +552,9 @@ def test_index_lists_a_tensor_in_the_wrong_shard(tmp_path, good):
   index = json.loads((hf / "model.safetensors.index.json").read_text())
   index["weight_map"][P + "wte.weight"] = "model-00002-of-00002.safetensors"
   (hf / "model.safetensors.index.json").write_text(json.dumps(index))
-  with pytest.raises(convert.ConversionError, match="'model.transformer.wte.weight' is listed in "
+  with pytest.raises(huggingface.ConversionError, match="'model.transformer.wte.weight' is listed in "
                                                     "'model-00002-of-00002.safetensors', which does not hold it"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
 
 
 def test_missing_tensor(tmp_path, good):
@@ -601,8 +605,8 @@ def test_unsupported_config_value(tmp_path, good, field, value, absent):
   else:
     config[field] = value
   hf = _import_error(tmp_path, config, tensors, rf"config.json: field '{field}' is .*llada_jax supports")
-  with pytest.raises(convert.ConversionError, match=f"'{field}'"):
-    convert.model_config_from_hf(json.loads((hf / "config.json").read_text()))
+  with pytest.raises(huggingface.ConversionError, match=f"'{field}'"):
+    huggingface.model_config_from_hf(json.loads((hf / "config.json").read_text()))
 
 
 def test_missing_size_field(tmp_path, good):
@@ -618,17 +622,17 @@ def test_special_ids_from_config_or_tokenizer(tmp_path, good):
   _import_error(tmp_path, config, tensors, "field 'bos_token_id' is missing and no tokenizer.json gives it")
   # The tokenizer gives the BOS id (300) and agrees with the mask and EOS ids of config.json.
   hf = write_hf_dir(tmp_path / "hf2", config, tensors, tokenizer=True)
-  assert convert.import_checkpoint(hf, tmp_path / "run2").bos_token_id == 300
+  assert huggingface.import_checkpoint(hf, tmp_path / "run2").bos_token_id == 300
   config["mask_token_id"] = 7
   hf = write_hf_dir(tmp_path / "hf3", config, tensors, tokenizer=True)
-  with pytest.raises(convert.ConversionError, match="field 'mask_token_id' is 7 but the tokenizer .* gives 302"):
-    convert.import_checkpoint(hf, tmp_path / "run3")
+  with pytest.raises(huggingface.ConversionError, match="field 'mask_token_id' is 7 but the tokenizer .* gives 302"):
+    huggingface.import_checkpoint(hf, tmp_path / "run3")
 
 
 def test_failed_import_leaves_nothing(tmp_path, good, monkeypatch):
   hf = write_hf_dir(tmp_path / "hf", *good)
   calls = []
-  real = convert.read_tensor
+  real = huggingface.read_tensor
 
   def failing(entry):
     calls.append(entry.name)
@@ -636,9 +640,9 @@ def test_failed_import_leaves_nothing(tmp_path, good, monkeypatch):
       raise OSError("disk on fire")
     return real(entry)
 
-  monkeypatch.setattr(convert, "read_tensor", failing)
+  monkeypatch.setattr(huggingface, "read_tensor", failing)
   with pytest.raises(Exception, match="disk on fire"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
   assert len(calls) == 6  # failed halfway through writing
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
@@ -648,23 +652,23 @@ def test_existing_destination_is_not_overwritten(tmp_path, good):
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "keep.txt").write_text("mine")
   with pytest.raises(ValueError, match="already exists and is not empty"):
-    convert.import_checkpoint(hf, tmp_path / "run")
+    huggingface.import_checkpoint(hf, tmp_path / "run")
   assert os.listdir(tmp_path / "run") == ["keep.txt"]
-  convert.import_checkpoint(hf, tmp_path / "empty_ok")
+  huggingface.import_checkpoint(hf, tmp_path / "empty_ok")
   with pytest.raises(ValueError, match="already exists and is not empty"):
-    convert.export_checkpoint(tmp_path / "empty_ok", tmp_path / "run")
+    huggingface.export_checkpoint(tmp_path / "empty_ok", tmp_path / "run")
 
 
 def test_export_errors(tmp_path, good, monkeypatch):
   with pytest.raises(FileNotFoundError, match="not a directory"):
-    convert.export_checkpoint(tmp_path / "nothing", tmp_path / "out")
+    huggingface.export_checkpoint(tmp_path / "nothing", tmp_path / "out")
   (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
   with pytest.raises(FileNotFoundError):
-    convert.export_checkpoint(tmp_path / "empty", tmp_path / "out")
-  convert.import_checkpoint(write_hf_dir(tmp_path / "hf", *good), tmp_path / "run")
+    huggingface.export_checkpoint(tmp_path / "empty", tmp_path / "out")
+  huggingface.import_checkpoint(write_hf_dir(tmp_path / "hf", *good), tmp_path / "run")
   with pytest.raises(FileNotFoundError, match="step 3"):
-    convert.export_checkpoint(tmp_path / "run", tmp_path / "out", step=3)
-  real = convert.write_safetensors
+    huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out", step=3)
+  real = huggingface.write_safetensors
   calls = []
 
   def failing(*args, **kwargs):
@@ -673,25 +677,25 @@ def test_export_errors(tmp_path, good, monkeypatch):
       raise OSError("disk full")
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(convert, "write_safetensors", failing)
+  monkeypatch.setattr(huggingface, "write_safetensors", failing)
   with pytest.raises(OSError, match="disk full"):
-    convert.export_checkpoint(tmp_path / "run", tmp_path / "out", max_shard_size=30_000)
+    huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out", max_shard_size=30_000)
   assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
 
 
 def test_export_rejects_a_checkpoint_that_does_not_match_its_config(tmp_path):
-  from llada_jax import config_lib
+  from llada_jax import configs
 
   cfg = model_lib.ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, mlp_hidden_size=8, mask_token_id=3,
                               eos_token_id=1, bos_token_id=2)
   params = random_params(cfg)
-  config = config_lib.base_config().to_dict()
+  config = configs.base_config().to_dict()
   config["model"] = dict(vars(cfg), mlp_hidden_size=12)
   with ckpt_lib.CheckpointManager(tmp_path / "run" / "checkpoints", metadata={"config": config}) as manager:
     manager.save(1, {"params": params}, force=True)
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(huggingface.ConversionError,
                      match=r"'params.blocks_0.mlp.ff_proj' has shape \[8, 8\]; expected \[8, 12\]"):
-    convert.export_checkpoint(tmp_path / "run", tmp_path / "out")
+    huggingface.export_checkpoint(tmp_path / "run", tmp_path / "out")
 
 
 def test_cli(tmp_path, good, capsys):
@@ -703,6 +707,15 @@ def test_cli(tmp_path, good, capsys):
   assert (tmp_path / "out" / "model.safetensors.index.json").exists()
   assert convert.main(["import", str(tmp_path / "nope"), str(tmp_path / "run9")]) == 1
   assert "error:" in capsys.readouterr().err
+  # Flags and positional arguments are checked per command, in one line each.
+  assert convert.main(["import", str(hf), str(tmp_path / "run8"), "--step", "3"]) == 1
+  assert capsys.readouterr().err.strip() == "error: --step applies to export, not import"
+  assert convert.main(["export", str(tmp_path / "run")]) == 1
+  assert capsys.readouterr().err.strip() == f"error: export: expected RUN_DIR HF_DIR, got {tmp_path / 'run'}"
+  assert convert.main(["--dtype", "float16", "export", str(tmp_path / "run"), str(tmp_path / "out2")]) == 1
+  assert "--dtype" in capsys.readouterr().err
+  assert convert.main(["--help"]) == 0
+  assert "--max_shard_size" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------

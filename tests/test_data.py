@@ -21,7 +21,7 @@ from llada_jax.data import (
     train_sentencepiece,
     write_array_record,
 )
-from llada_jax.data import tokenizer as tokenizer_lib
+from llada_jax import tokenizer as tokenizer_cli
 
 WORDS = ("the a cat dog runs jumps over under big small red blue green seven eleven "
          "é naïve 数据 模型 😀 café 42 1999 hello world, mask diffusion model.").split()
@@ -167,7 +167,7 @@ def test_load_rejects_model_without_specials(tmp_path, corpus):
 def test_cli_train(tmp_path, corpus):
   sft = _write_jsonl(tmp_path / "sft.jsonl", [
       {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
-  rc = tokenizer_lib.main(["train", "--input", corpus["text"], "--input", corpus["jsonl"],
+  rc = tokenizer_cli.main(["train", "--input", corpus["text"], "--input", corpus["jsonl"],
                            "--input", sft, "--model_prefix", str(tmp_path / "out" / "tok"),
                            "--vocab_size", "400", "--model_type", "unigram"])
   assert rc == 0
@@ -175,9 +175,22 @@ def test_cli_train(tmp_path, corpus):
   assert tok.decode(tok.encode("hello world")) == "hello world"
 
 
+def test_cli_errors_are_one_line(tmp_path, corpus, capsys):
+  args = ["--input", corpus["text"], "--model_prefix", str(tmp_path / "tok"), "--vocab_size", "320"]
+  assert tokenizer_cli.main(args) == 1  # no command
+  assert capsys.readouterr().err.startswith("error: expected the command train")
+  assert tokenizer_cli.main(["train", *args[:-1], "10"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: vocab_size 10 is too small") and err.count("\n") == 1
+  assert tokenizer_cli.main(["train", "--model_prefix", str(tmp_path / "tok"), "--vocab_size", "320"]) == 1
+  assert "--input" in capsys.readouterr().err
+  assert tokenizer_cli.main(["--help"]) == 0
+  assert "--model_prefix" in capsys.readouterr().out
+
+
 def test_cli_module_entry_point(tmp_path, corpus):
   out = subprocess.run(
-      [sys.executable, "-m", "llada_jax.data.tokenizer", "train", "--input", corpus["text"],
+      [sys.executable, "-m", "llada_jax.tokenizer", "train", "--input", corpus["text"],
        "--model_prefix", str(tmp_path / "tok"), "--vocab_size", "320"],
       capture_output=True, text=True, timeout=60,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from llada_jax import demo
+from llada_jax.recipes import demo
 
 
 def test_smoke_chain_runs_end_to_end_and_resumes(tmp_path):
@@ -54,6 +54,6 @@ def test_slow_bfloat16_warning():
   assert demo.slow_bfloat16_warning("bfloat16", 1.6) is None
   assert demo.slow_bfloat16_warning("float32", 0.5) is None  # a float32 recipe is not slowed
   message = demo.slow_bfloat16_warning("bfloat16", 0.58)
-  assert "0.58x" in message and "configs/demo_common.py" in message
+  assert "0.58x" in message and "llada_jax/configs/demo_common.py" in message and "docs/demo.md" in message
   speedup = demo.bfloat16_matmul_speedup(n=64, repeats=2)  # measured, whatever the host
   assert np.isfinite(speedup) and speedup > 0

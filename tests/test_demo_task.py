@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from llada_jax import task as task_cli
 from llada_jax.data import demo_task as task
 
 LEVELS = tuple(task.LEVELS)
@@ -269,14 +270,14 @@ def test_write_task_is_byte_deterministic(tmp_path):
 
 
 def test_files_content(tmp_path):
-  from llada_jax.data import sources
+  from llada_jax.data import readers, sources
 
   paths = task.write_task(tmp_path, train=100, validation=20, test=20, pretrain=150, seed=2)
   loaded = {s: task.read_jsonl(paths[s]) for s in task.SPLITS}
   for s, n in (("train", 100), ("validation", 20), ("test", 20)):
     assert loaded[s] == task.make_split(s, n, seed=2)
     assert all(list(ex)[:3] == ["prompt", "response", "answer"] for ex in loaded[s])
-  docs = [doc for _, doc in sources.iter_text_documents(paths["pretrain"])]
+  docs = [doc for _, doc in readers.iter_text_documents(paths["pretrain"])]
   train150 = task.make_split("train", 150, seed=2)
   assert docs == [task.format_document(ex) for ex in train150]
   assert docs[0] == train150[0]["prompt"] + train150[0]["response"]
@@ -289,7 +290,7 @@ def test_files_content(tmp_path):
 
 
 def test_cli_matches_write_task(tmp_path):
-  cmd = [sys.executable, "-m", "llada_jax.data.demo_task", "--out_dir", str(tmp_path / "cli"),
+  cmd = [sys.executable, "-m", "llada_jax.task", "--out_dir", str(tmp_path / "cli"),
          "--train", "80", "--validation", "10", "--test", "10", "--seed", "4", "--level",
          "easy", "--max_ops", "3", "--ops", "+-*"]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -299,4 +300,12 @@ def test_cli_matches_write_task(tmp_path):
   for name in FILES:
     assert filecmp.cmp(tmp_path / "cli" / name, ref[name.split(".")[0]], shallow=False), name
 
-  assert task.main(["--out_dir", str(tmp_path / "bad"), "--min_ops", "3", "--max_ops", "2"]) == 1
+  assert task_cli.main(["--out_dir", str(tmp_path / "bad"), "--min_ops", "3", "--max_ops", "2"]) == 1
+
+  # In one process, each call starts again from the defaults (no --level easy or --seed 4 left over).
+  assert task_cli.main(cmd[3:5] + ["--train", "5", "--validation", "2", "--test", "2"]) == 0
+  default = task.write_task(tmp_path / "default", train=5, validation=2, test=2)
+  for name in FILES:
+    assert filecmp.cmp(tmp_path / "cli" / name, default[name.split(".")[0]], shallow=False), name
+  assert task_cli.main(["--out_dir", str(tmp_path / "x"), "stray"]) == 1
+  assert task_cli.main(["--help"]) == 0

@@ -386,3 +386,15 @@ def test_cli_bad_jsonl_names_file_line_and_field(tmp_path):
   assert proc.returncode == 1
   assert f"{bad}, line 3, field 'choices'" in proc.stderr
   assert not out.exists()
+
+
+def test_cli_flag_errors_are_one_line(tmp_path, capsys):
+  assert evaluate.main(["--checkpoint", str(tmp_path), "--task", "nope", "--data", "x.jsonl"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: flag --task=nope") and err.count("\n") == 1
+  assert evaluate.main(["--task", "mc", "--data", "x.jsonl"]) == 1
+  assert "--checkpoint" in capsys.readouterr().err
+  assert evaluate.main(["--checkpoint", str(tmp_path), "--task", "mc", "--data", "x.jsonl", "extra"]) == 1
+  assert capsys.readouterr().err.startswith("error: unexpected arguments extra")
+  assert evaluate.main(["--help"]) == 0
+  assert "--mc_num" in capsys.readouterr().out

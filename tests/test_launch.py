@@ -79,7 +79,7 @@ def test_scripts_pass_shellcheck(script):
 
 
 TPU_ARGS = ["--project=proj", "--zone=us-east5-a", "--name=llada-sft", "--accelerator-type=v5p-128",
-            "--config=configs/llada_8b_sft.py:v5p", "--workdir=gs://bucket/runs/sft"]
+            "--config=llada_8b_sft:v5p", "--workdir=gs://bucket/runs/sft"]
 TRAIN_EXTRA = ["--", "--config.data.train_files=gs://bucket/sft/part-*.jsonl",
                "--config.data.tokenizer=gs://bucket/llada/tokenizer.json"]
 
@@ -98,7 +98,7 @@ def test_tpu_pod_dry_run_creates_installs_and_trains_on_every_worker(stubs):
   assert "git clone https://example.com/llada_jax.git" in install_cmd and "checkout v1" in install_cmd
   assert "jax[tpu]" in install_cmd and "-e ~/llada_jax" in install_cmd
   train_cmd = next(a for a in train if a.startswith("--command="))
-  assert "python3 -m llada_jax.train --config=configs/llada_8b_sft.py:v5p" in train_cmd
+  assert "python3 -m llada_jax.train --config=llada_8b_sft:v5p" in train_cmd
   config = parse_train_args(train_args(train_cmd))
   assert config == {"workdir": "gs://bucket/runs/sft", "initialize": "auto", "objective": "sft",
                     "files": ["gs://bucket/sft/part-*.jsonl"], "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1}}
@@ -129,7 +129,7 @@ def test_tpu_pod_refuses_a_local_workdir(stubs):
 
 
 XPK_ARGS = ["--project=proj", "--zone=us-east5-a", "--cluster=tpus", "--tpu-type=v5p-128", "--num-slices=2",
-            "--workload=llada-vrpo", "--config=configs/llada_8b_vrpo.py:v5p", "--workdir=gs://bucket/runs/vrpo"]
+            "--workload=llada-vrpo", "--config=llada_8b_vrpo:v5p", "--workdir=gs://bucket/runs/vrpo"]
 
 
 def test_xpk_dry_run_spreads_data_parallelism_over_slices(stubs):
@@ -154,7 +154,7 @@ def test_xpk_names_a_missing_flag(stubs, missing):
   assert out.returncode == 2 and f"{missing} is required" in out.stderr
 
 def test_slurm_dry_run_starts_one_process_per_gpu_with_jax_slurm_detection(stubs):
-  args = ["--config=configs/llada_8b_sft.py:h100x8", "--workdir=/shared/runs/sft", "--dry-run", *TRAIN_EXTRA]
+  args = ["--config=llada_8b_sft:h100x8", "--workdir=/shared/runs/sft", "--dry-run", *TRAIN_EXTRA]
   out = run_script("launch/slurm_gpu.sbatch", args, stubs)
   assert out.returncode == 0, out.stderr
   assert not stubs[1].exists()
@@ -168,13 +168,13 @@ def test_slurm_dry_run_starts_one_process_per_gpu_with_jax_slurm_detection(stubs
 
 
 def test_slurm_one_process_per_node_sees_all_its_gpus(stubs):
-  args = ["--config=configs/llada_8b_sft.py:h100x8", "--workdir=/shared/runs/sft", "--dry-run"]
+  args = ["--config=llada_8b_sft:h100x8", "--workdir=/shared/runs/sft", "--dry-run"]
   out = run_script("launch/slurm_gpu.sbatch", args, stubs, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8")
   assert out.returncode == 0, out.stderr
   assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in out.stdout
 
 
 def test_slurm_outside_a_job_refuses_to_run(stubs):
-  out = run_script("launch/slurm_gpu.sbatch", ["--config=configs/llada_8b_sft.py:h100x8", "--workdir=/x"], stubs)
+  out = run_script("launch/slurm_gpu.sbatch", ["--config=llada_8b_sft:h100x8", "--workdir=/x"], stubs)
   assert out.returncode == 2 and "sbatch" in out.stderr
   assert not stubs[1].exists()

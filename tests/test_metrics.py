@@ -41,7 +41,7 @@ def test_llada_8b_forward_flops_by_hand():
   assert expected == 17_142_120_448
   assert metrics.forward_flops_per_token(cfg, T) == expected
   assert metrics.train_flops_per_token(cfg, T) == 3 * expected
-  # A ConfigDict (as in configs/models.py) gives the same count.
+  # A ConfigDict (as in llada_jax.configs.models) gives the same count.
   assert metrics.forward_flops_per_token(ml_collections.ConfigDict(preset("llada_8b")), T) == expected
   # LLaDA pretraining step: 1280 x 4096 tokens, about 2.7e17 FLOPs.
   assert metrics.lm_step_flops(cfg, batch_size=1280, seq_len=T) == 3 * expected * 1280 * T

@@ -1,4 +1,4 @@
-"""Tests of the mask predictor (`llada_jax/model.py`) against REFERENCE section 1.
+"""Tests of the mask predictor (`llada_jax/model.py`) against docs/method.md, "Architecture".
 
 Most numerical checks compare against independent float64 NumPy code written here from the
 reference description, so they fail if the math (not just the shapes) is wrong.
@@ -67,7 +67,7 @@ def to_np64(tree):
 
 
 # --------------------------------------------------------------------------------------------
-# Independent float64 NumPy reference (REFERENCE section 1).
+# Independent float64 NumPy reference (docs/method.md, "Architecture").
 
 
 def np_rmsnorm(x, w, eps):

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from llada_jax import checkpoint as ckpt_lib
-from llada_jax import model as model_lib, train
+from llada_jax.storage import checkpoint as ckpt_lib
+from llada_jax import model as model_lib
+from llada_jax.training import loop
 from tests import train_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def test_gs_workdir_data_and_tokenizer_resume_like_a_local_run(corpus, tmp_path,
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the tokenizer copy and the metrics mirror
 
   local_cfg = train_fixtures.make_config(corpus, tmp_path / "local", "sft", total_steps=4, **{"checkpoint.every_steps": 2})
-  straight = train.run(local_cfg)
+  straight = loop.run(local_cfg)
   assert straight.final_step == 4
 
   workdir = f"gs://{BUCKET}/runs/sft"
@@ -108,10 +109,10 @@ def test_gs_workdir_data_and_tokenizer_resume_like_a_local_run(corpus, tmp_path,
   remote_cfg.data.train_files = (f"gs://{BUCKET}/data/sft*.jsonl",)  # a glob, expanded through epath
   remote_cfg.data.tokenizer = f"gs://{BUCKET}/data/{pathlib.Path(corpus['tokenizer']).name}"
   with fake_gcs(tmp_path / "gcs"):
-    first = train.run(remote_cfg, stop_after=2, final_save=False)
+    first = loop.run(remote_cfg, stop_after=2, final_save=False)
     assert first.final_step == 2
     assert ckpt_lib.CheckpointManager(f"{workdir}/checkpoints").all_steps() == [2]
-    second = train.run(remote_cfg)
+    second = loop.run(remote_cfg)
     assert second.final_step == 4
     resumed = _final_params(workdir, remote_cfg)
 
@@ -143,7 +144,8 @@ def test_remote_arrayrecord_is_refused_with_a_clear_error(corpus):
 
 WORKER = """
 import json, sys, time
-from llada_jax import sharding, train
+from llada_jax import sharding
+from llada_jax.training import loop
 from tests import train_fixtures
 corpus, workdir, pid, nproc, port, total, slow_after = json.loads(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:5]), \\
     sys.argv[5], *map(int, sys.argv[6:8])
@@ -163,7 +165,7 @@ if slow_after >= 0:  # steps after `slow_after` wait, so the run is surely still
       time.sleep(0.3)
     return real(local, sh)
   sharding.global_batch = slow
-train.run(cfg)
+loop.run(cfg)
 print("FINISHED", flush=True)
 """
 

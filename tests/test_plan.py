@@ -8,14 +8,15 @@ import sys
 import jax
 import pytest
 
-from llada_jax import config_lib, metrics, model as model_lib, plan
+from llada_jax import configs, metrics, model as model_lib
+from llada_jax.training import planning as plan
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LLADA_8B_PARAMS = 8_015_581_184
 
 
 def tiny_config(objective="sft", **mesh):
-  c = config_lib.base_config()
+  c = configs.base_config()
   c.workdir = "unused"
   c.objective = objective
   c.data.seq_len = 16
@@ -72,10 +73,10 @@ def test_an_unknown_accelerator_is_named():
 
 
 CLI_CONFIG = """
-from llada_jax import config_lib
+from llada_jax import configs
 
 def get_config(mesh="4"):
-  c = config_lib.base_config()
+  c = configs.base_config()
   c.objective = "vrpo"
   c.data.seq_len = 16
   c.data.global_batch_size = 4
@@ -106,7 +107,7 @@ def test_cli_sets_up_its_own_devices_and_writes_json(tmp_path):
 
 
 def test_cli_requires_devices():
-  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", "--config=configs/llada_8b_sft.py"], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", "--config=llada_8b_sft"], cwd=REPO,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0 and "--devices" in proc.stderr
 
@@ -114,7 +115,7 @@ def test_cli_requires_devices():
 @pytest.mark.parametrize("name", ["llada_8b_sft", "llada_8b_vrpo"])
 @pytest.mark.parametrize("variant", ["v5p", "h100x8"])
 def test_8b_recipes_follow_the_paper(name, variant):
-  c = config_lib.load_config_file(REPO / "configs" / f"{name}.py", variant)
+  c = configs.load(f"{name}:{variant}")
   model_cfg = model_lib.ModelConfig.from_dict(c.model)
   assert model_cfg.num_params() == LLADA_8B_PARAMS
   assert (c.model.dtype, c.model.param_dtype, c.model.remat, c.model.scan_layers) == ("bfloat16", "float32", "full",
@@ -139,7 +140,7 @@ def test_8b_recipes_follow_the_paper(name, variant):
 
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="tpu9.*v5p"):
-    config_lib.load_config_file(REPO / "configs" / "llada_8b_vrpo.py", "tpu9")
+    configs.load("llada_8b_vrpo:tpu9")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_8b_step_compiles_for_64_devices_and_fits_v5p_and_h100(recipe, mesh, tmp
     extra.append("--config.grad_accum_steps=4")  # 16 batch shards: 4 micro-batches of one pair per shard
   # The model's activation constraints must be in effect: without them XLA shards activations along
   # `embed` and a step needs terabytes per device.
-  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", f"--config=configs/{recipe}.py:v5p", "--devices=64",
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", f"--config={recipe}:v5p", "--devices=64",
                          "--accelerator=v5p,h100", f"--out={out}", *extra], cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax import checkpoint as ckpt_lib
-from llada_jax import model as model_lib, optim, reference_elbo, sharding, train, trainer
+from llada_jax.storage import checkpoint as ckpt_lib
+from llada_jax import model as model_lib, optim, sharding
+from llada_jax.training import build as build_lib, loop, reference_elbo, state as state_lib, step as step_lib
 from tests import train_fixtures
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -44,28 +45,28 @@ class Setup:
     config.optimizer.warmup_steps, config.optimizer.eps, config.optimizer.lr = 0, 1.0, 1.0
     self.config = config
     self.model_cfg = model_lib.ModelConfig.from_dict(config.model)
-    self.online = trainer.make_objective(config, self.model_cfg)
+    self.online = build_lib.objective_from_config(config, self.model_cfg)
     config.vrpo.precompute_reference = True
-    self.precomputed = trainer.make_objective(config, self.model_cfg)
+    self.precomputed = build_lib.objective_from_config(config, self.model_cfg)
     self.tx = optim.make_optimizer(config.optimizer)
     self.mesh = sharding.make_mesh(MESH)
     self.rules = sharding.rules_from_config(config.sharding_rules)
-    _, self.state_sh = trainer.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
+    _, self.state_sh = state_lib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
     self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     self.root_key = jax.random.key(ROOT_KEY_SEED)
     self.batches = [preference_batch(self.model_cfg.vocab_size, ids, seed=i) for i, ids in enumerate(BATCH_IDS)]
-    policy = trainer.create_train_state(self.model_cfg, self.tx, jax.random.key(1), self.mesh, self.rules).params
+    policy = state_lib.create_train_state(self.model_cfg, self.tx, jax.random.key(1), self.mesh, self.rules).params
     self.policy = jax.device_get(policy)
     self.reference = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x * 0.9 + 0.01, p),
                              out_shardings=self.state_sh.params)(policy)
 
   def state(self):
     params = jax.device_put(self.policy, self.state_sh.params)
-    return trainer.create_train_state(self.model_cfg, self.tx, None, self.mesh, self.rules, params=params)
+    return state_lib.create_train_state(self.model_cfg, self.tx, None, self.mesh, self.rules, params=params)
 
   def step_fn(self, objective):
     reference_sh = self.state_sh.params if objective.needs_reference else None
-    return trainer.jit_train_step(trainer.make_train_step(objective, self.tx), self.state_sh, self.batch_sh,
+    return step_lib.jit_train_step(step_lib.make_train_step(objective, self.tx), self.state_sh, self.batch_sh,
                                   self.mesh, reference_sh, rules=self.rules)
 
   def table(self, batches=None):
@@ -165,8 +166,8 @@ def _count_dots(jaxpr) -> int:
 def test_precomputed_step_runs_no_reference_model(setup):
   table = setup.table()
   batch = setup.batches[0]
-  online_step = trainer.make_train_step(setup.online, setup.tx)
-  pre_step = trainer.make_train_step(setup.precomputed, setup.tx)
+  online_step = step_lib.make_train_step(setup.online, setup.tx)
+  pre_step = step_lib.make_train_step(setup.precomputed, setup.tx)
   state = setup.state()
   online = jax.make_jaxpr(online_step)(state, batch, setup.root_key, setup.reference)
   pre = jax.make_jaxpr(pre_step)(state, table.attach(batch, 0), setup.root_key, None)
@@ -221,7 +222,7 @@ def _save_params(directory, params):
 
 @pytest.fixture(scope="module")
 def weights(setup, tmp_path_factory):
-  """A policy and a different reference checkpoint, for train.run."""
+  """A policy and a different reference checkpoint, for loop.run."""
   root = tmp_path_factory.mktemp("weights")
   _save_params(root / "policy", setup.state().params)
   _save_params(root / "reference", setup.reference)
@@ -236,11 +237,11 @@ def vrpo_config(corpus, workdir, weights, precompute, **overrides):
 
 
 class _Spy:
-  """Wraps trainer.jit_train_step to record the reference shardings and weights the step gets."""
+  """Wraps step.jit_train_step to record the reference shardings and weights the step gets."""
 
   def __init__(self, monkeypatch):
     self.seen = []
-    real = trainer.jit_train_step
+    real = step_lib.jit_train_step
 
     def jit_train_step(step_fn, state_sh, batch_sh, mesh, reference_sh=None, **kwargs):
       jitted = real(step_fn, state_sh, batch_sh, mesh, reference_sh, **kwargs)
@@ -252,21 +253,22 @@ class _Spy:
         return jitted(state, batch, key, reference_params)
       return call
 
-    monkeypatch.setattr(trainer, "jit_train_step", jit_train_step)
+    monkeypatch.setattr(step_lib, "jit_train_step", jit_train_step)
 
 
 def _load_or_compute(config, setup):
-  """The table train.run would use for `config` (computing it is not expected here)."""
-  loss = trainer.make_objective(config, setup.model_cfg).loss_fn
+  """The table loop.run would use for `config` (computing it is not expected here)."""
+  objective = build_lib.objective_from_config(config, setup.model_cfg)
   return reference_elbo.load_or_compute(
-      config, loss, root_key=jax.random.key(config.seed), batch_sharding=setup.batch_sh,
+      loop.reference_table_path(config), loop.reference_table_metadata(config, objective), objective.loss_fn,
+      total_steps=config.total_steps, root_key=jax.random.key(config.seed), batch_sharding=setup.batch_sh,
       reference_shardings=setup.state_sh.params, make_batches=lambda: iter(()), load_reference=lambda: None)
 
 
 def test_run_computes_saves_reuses_and_checks_the_table(corpus, tmp_path, weights, setup, monkeypatch):
   spy = _Spy(monkeypatch)
   config = vrpo_config(corpus, tmp_path / "run", weights, True)
-  result = train.run(config)
+  result = loop.run(config)
   assert result.final_step == 3 and all(np.isfinite(m["loss"]) for m in result.metrics)
   assert spy.seen and all(x is None for x in spy.seen)  # built and called without reference weights
   path = tmp_path / "run" / "reference_elbos.npz"
@@ -298,9 +300,9 @@ def test_run_computes_saves_reuses_and_checks_the_table(corpus, tmp_path, weight
 
 @pytest.mark.slow
 def test_run_with_precomputed_reference_matches_online(corpus, tmp_path, weights, monkeypatch):
-  online = train.run(vrpo_config(corpus, tmp_path / "online", weights, False))
+  online = loop.run(vrpo_config(corpus, tmp_path / "online", weights, False))
   spy = _Spy(monkeypatch)
-  pre = train.run(vrpo_config(corpus, tmp_path / "pre", weights, True))
+  pre = loop.run(vrpo_config(corpus, tmp_path / "pre", weights, True))
   assert spy.seen and all(x is None for x in spy.seen)
   for a, b in zip(online.metrics, pre.metrics, strict=True):
     for name in ("loss", "score", "grad_norm"):
@@ -308,8 +310,8 @@ def test_run_with_precomputed_reference_matches_online(corpus, tmp_path, weights
   _leaves_close(jax.device_get(online.state.params), jax.device_get(pre.state.params))
   # Killed after step 2 and restarted, the run reads its table back and ends where the others did.
   config = vrpo_config(corpus, tmp_path / "killed", weights, True, **{"checkpoint.every_steps": 1})
-  assert train.run(config, stop_after=2, final_save=False).final_step == 2
+  assert loop.run(config, stop_after=2, final_save=False).final_step == 2
   monkeypatch.setattr(reference_elbo, "compute", lambda *a, **k: pytest.fail("the table was recomputed"))
-  resumed = train.run(config)
+  resumed = loop.run(config)
   assert resumed.final_step == 3
   _leaves_close(jax.device_get(online.state.params), jax.device_get(resumed.state.params))

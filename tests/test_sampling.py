@@ -1,7 +1,7 @@
 """Tests of the samplers (`llada_jax/sampling.py`), the cached forward passes they use and the CLI.
 
 The exact sampler is checked token for token against a step-by-step NumPy transcription of the
-reference algorithm (REFERENCE section 4) written here, which calls the model once per step.
+reference algorithm (docs/method.md, "Sampler") written here, which calls the model once per step.
 """
 
 from __future__ import annotations
@@ -397,6 +397,9 @@ def test_generate_cli_prompt_to_stdout_and_bad_input(trained, tmp_path, capsys):
   bad.write_text("{not json\n")
   assert generate_cli.main(argv + ["--input", str(bad)]) == 1
   assert "line 1" in capsys.readouterr().err
+  assert generate_cli.main(argv + ["--input", str(bad), "--prompt", "the cat"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "prompt" in err and "input" in err and err.count("\n") == 1
 
 
 def test_completion_ids_stop_at_eos_or_end_of_turn():

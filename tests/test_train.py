@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llada_jax import checkpoint as ckpt_lib
-from llada_jax import model as model_lib, optim, sharding, train, trainer
+from llada_jax.storage import checkpoint as ckpt_lib
+from llada_jax import model as model_lib, optim, sharding
+from llada_jax.training import build as build_lib, loop, objectives, state as state_lib, step as step_lib
 from tests import train_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -47,20 +48,20 @@ def one_step(config, mesh_config, devices, batch, grad_accum_steps=1):
   # then ~ lr * g, so comparing parameters compares gradients without Adam's sign amplification.
   config.optimizer.warmup_steps, config.optimizer.eps, config.optimizer.lr = 0, 1.0, 1.0
   model_cfg = model_lib.ModelConfig.from_dict(config.model)
-  objective = trainer.make_objective(config, model_cfg)
+  objective = build_lib.objective_from_config(config, model_cfg)
   tx = optim.make_optimizer(config.optimizer)
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
-  _, state_sh = trainer.state_shardings(model_cfg, tx, mesh, rules)
-  state = trainer.create_train_state(model_cfg, tx, jax.random.key(1), mesh, rules)
+  _, state_sh = state_lib.state_shardings(model_cfg, tx, mesh, rules)
+  state = state_lib.create_train_state(model_cfg, tx, jax.random.key(1), mesh, rules)
   reference, reference_sh = None, None
   if objective.needs_reference:
     reference_sh = state_sh.params
     perturb = lambda p: p * 0.97 + 0.003  # a reference near the policy, placed like it
     reference = jax.jit(lambda p: jax.tree_util.tree_map(perturb, p), out_shardings=reference_sh)(state.params)
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(objective, tx, grad_accum_steps=grad_accum_steps), state_sh, batch_sh, mesh,
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(objective, tx, grad_accum_steps=grad_accum_steps), state_sh, batch_sh, mesh,
       reference_sh, rules=rules)
   init_params = jax.device_get(state.params)  # the state is donated to the step
   new_state, metrics = step(state, sharding.global_batch(batch, batch_sh), jax.random.key(2), reference)
@@ -105,14 +106,14 @@ def test_gradient_accumulation_equals_full_batch_for_vrpo(corpus, tmp_path):
 
 def test_nonfinite_update_is_skipped_and_counted():
   params = {"w": jnp.ones((3,))}
-  objective = trainer.Objective("toy", lambda p, b, k, r=None: ((p["w"] * b["x"]).sum(), {}))
+  objective = objectives.Objective("toy", lambda p, b, k, r=None: ((p["w"] * b["x"]).sum(), {}))
   opt_cfg = optim.default_optimizer_config("sft")
   opt_cfg.warmup_steps = 0
   tx = optim.make_optimizer(opt_cfg)
   zero = jnp.zeros((), jnp.int32)
-  state = trainer.TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_in_a_row=zero,
+  state = state_lib.TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_in_a_row=zero,
                              max_nonfinite_in_a_row=zero, nonfinite_total=zero)
-  step = jax.jit(trainer.make_train_step(objective, tx))
+  step = jax.jit(step_lib.make_train_step(objective, tx))
   key = jax.random.key(0)
   bad = {"x": jnp.array([1.0, jnp.nan, 1.0])}
   s1, m1 = step(state, bad, key)
@@ -134,16 +135,16 @@ def _final_params(workdir, config):
 @pytest.mark.parametrize("objective", ["pretrain", "sft"])
 def test_resume_gives_the_same_parameters(corpus, tmp_path, objective):
   straight = train_fixtures.make_config(corpus, tmp_path / "straight", objective)
-  result = train.run(straight)
+  result = loop.run(straight)
   assert result.final_step == 6 and not result.preempted
   losses = [r["loss"] for r in result.metrics]
   assert len(losses) == 6 and all(np.isfinite(losses))
 
   resumed = train_fixtures.make_config(corpus, tmp_path / "resumed", objective)
-  first = train.run(resumed, stop_after=3, final_save=False)  # stops like a killed run after step 3's save
+  first = loop.run(resumed, stop_after=3, final_save=False)  # stops like a killed run after step 3's save
   assert first.final_step == 3
   assert ckpt_lib.CheckpointManager(f"{resumed.workdir}/checkpoints").all_steps() == [3]
-  second = train.run(resumed)
+  second = loop.run(resumed)
   assert second.final_step == 6
   chex.assert_trees_all_equal(_final_params(straight.workdir, straight), _final_params(resumed.workdir, resumed))
   # A run directory is enough to get the model back (config from the checkpoint's metadata).
@@ -158,11 +159,11 @@ def test_resume_gives_the_same_parameters(corpus, tmp_path, objective):
 
 def test_vrpo_from_an_sft_checkpoint(corpus, tmp_path):
   sft = train_fixtures.make_config(corpus, tmp_path / "sft", "sft", total_steps=3)
-  train.run(sft)
+  loop.run(sft)
   for objective in ("vrpo", "naive_dpo"):
     cfg = train_fixtures.make_config(corpus, tmp_path / objective, objective, total_steps=2)
     cfg.checkpoint.init_from = f"{sft.workdir}/checkpoints"
-    result = train.run(cfg)
+    result = loop.run(cfg)
     first = result.metrics[0]
     # Policy == reference at step 0: with antithetic sampling the score is 0 up to float32 rounding
     # (the differentiated policy pass and the reference pass are compiled differently).
@@ -197,7 +198,7 @@ def test_mistyped_config_key_is_named(corpus, tmp_path):
 
 def test_bad_data_and_config_leave_checkpoints_intact(corpus, tmp_path):
   cfg = train_fixtures.make_config(corpus, tmp_path / "run", "sft", total_steps=3)
-  train.run(cfg)
+  loop.run(cfg)
   ckpt_dir = pathlib.Path(cfg.workdir) / "checkpoints"
   before = {p: p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
 
@@ -206,34 +207,34 @@ def test_bad_data_and_config_leave_checkpoints_intact(corpus, tmp_path):
   cfg_bad = train_fixtures.make_config(corpus, tmp_path / "run", "sft", total_steps=6)
   cfg_bad.data.train_files = (str(bad),)
   with pytest.raises(ValueError, match=r"bad\.jsonl.*line 2.*response"):
-    train.run(cfg_bad)
+    loop.run(cfg_bad)
 
   cfg_vocab = train_fixtures.make_config(corpus, tmp_path / "run", "sft", total_steps=6)
   cfg_vocab.model.vocab_size = 64
   with pytest.raises(ValueError, match="vocab"):
-    train.run(cfg_vocab)
+    loop.run(cfg_vocab)
 
   cfg_batch = train_fixtures.make_config(corpus, tmp_path / "run", "sft", total_steps=6)
   cfg_batch.data.global_batch_size = 4  # 8 devices on the batch axis
   with pytest.raises(ValueError, match=r"global_batch_size=4.*8 batch shards"):
-    train.run(cfg_batch)
+    loop.run(cfg_batch)
 
   after = {p: p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
   assert before == after
 
 
 def test_nonfinite_run_stops_with_a_clear_message(corpus, tmp_path, monkeypatch):
-  real = trainer.make_objective
+  real = build_lib.objective_from_config
 
   def nan_objective(config, model_cfg):
     obj = real(config, model_cfg)
-    return trainer.Objective(obj.name, lambda p, b, k, r=None: jax.tree_util.tree_map(
+    return objectives.Objective(obj.name, lambda p, b, k, r=None: jax.tree_util.tree_map(
         lambda x: x * jnp.nan, obj.loss_fn(p, b, k, r)))
 
-  monkeypatch.setattr(trainer, "make_objective", nan_objective)
+  monkeypatch.setattr(build_lib, "objective_from_config", nan_objective)
   cfg = train_fixtures.make_config(corpus, tmp_path / "nan", "pretrain", max_nonfinite_in_a_row=2)
-  with pytest.raises(train.TrainingError, match="non-finite"):
-    train.run(cfg)
+  with pytest.raises(loop.TrainingError, match="non-finite"):
+    loop.run(cfg)
 
 
 def _free_port():
@@ -262,7 +263,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
 
 MULTIPROCESS_SCRIPT = """
 import json, os, sys
-from llada_jax import train
+from llada_jax.training import loop
 from tests import train_fixtures
 corpus, workdir, pid, nproc, port = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cfg = train_fixtures.make_config(corpus, workdir, "sft", total_steps=4)
@@ -272,7 +273,7 @@ if nproc > 1:
   cfg.distributed.coordinator_address = "127.0.0.1:" + port
   cfg.distributed.num_processes = nproc
   cfg.distributed.process_id = pid
-train.run(cfg)
+loop.run(cfg)
 """
 
 
@@ -305,14 +306,14 @@ def test_step_applies_the_models_activation_constraints(corpus, tmp_path):
   tx = optim.make_optimizer(config.optimizer)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, jax.devices())
   rules = sharding.rules_from_config(config.sharding_rules)
-  abstract_state, state_sh = trainer.state_shardings(model_cfg, tx, mesh, rules)
+  abstract_state, state_sh = state_lib.state_shardings(model_cfg, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh, rules)
   batch = synthetic_batch("sft", config.model.vocab_size)
   batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sh) for k, v in batch.items()}
-  step = trainer.make_train_step(trainer.make_objective(config, model_cfg), tx)
+  step = step_lib.make_train_step(build_lib.objective_from_config(config, model_cfg), tx)
 
   def constraints(**kw):
-    lowered = trainer.jit_train_step(step, state_sh, batch_sh, mesh, **kw).lower(
+    lowered = step_lib.jit_train_step(step, state_sh, batch_sh, mesh, **kw).lower(
         abstract_state, batch, jax.random.key(0), None)
     return [l for l in lowered.as_text().splitlines() if "sharding_constraint" in l]
 

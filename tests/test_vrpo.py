@@ -1,6 +1,6 @@
-"""VRPO (REFERENCE section 5): the DPO-on-ELBO loss, antithetic sampling and the variance lemma.
+"""VRPO (docs/method.md, "VRPO"): the DPO-on-ELBO loss, antithetic sampling and the variance lemma.
 
-Most tests use the `tiny` preset from configs/models.py. The variance lemma
+Most tests use the `tiny` preset from llada_jax.configs.models. The variance lemma
 (Var[B] = V_t / n_t + V_mask / (n_t n_yt)) is checked twice: exactly, against closed-form variances
 of a hand-written mask predictor, and (slow) on a tiny transformer trained for a few hundred steps.
 

@@ -4,7 +4,7 @@ import json
 import pathlib
 import random
 
-from llada_jax import config_lib
+from llada_jax import configs
 from llada_jax.data import tokenizer as tok_lib
 
 WORDS = ("the cat dog sat ran on a mat hat red blue big small one two three four five six seven eight nine "
@@ -38,7 +38,7 @@ def write_corpus(root: pathlib.Path) -> dict:
 
 
 def make_config(corpus: dict, workdir, objective="pretrain", **overrides):
-  c = config_lib.base_config()
+  c = configs.base_config()
   c.workdir = str(workdir)
   c.objective = objective
   c.seed = 0
@@ -68,10 +68,10 @@ def make_config(corpus: dict, workdir, objective="pretrain", **overrides):
 
 def train_tiny_sft_run(root: pathlib.Path):
   """A 2-step SFT run under root/run (with its corpus and tokenizer): a checkpoint for CLI tests."""
-  from llada_jax import train  # noqa: PLC0415 - only tests that need a checkpoint pay for it
+  from llada_jax.training import loop  # noqa: PLC0415 - only tests that need a checkpoint pay for it
 
   corpus = write_corpus(root / "corpus")
   config = make_config(corpus, root / "run", "sft", total_steps=2)
   config.checkpoint.every_steps = 2
-  train.run(config)
+  loop.run(config)
   return root / "run", corpus

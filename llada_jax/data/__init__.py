@@ -1,7 +1,7 @@
-"""Tokenizers and Grain input pipelines.
+"""Tokenizers, data-file readers and Grain input pipelines.
 
-Names are imported lazily so that `python -m llada_jax.data.tokenizer` does not import the
-module it is about to run (runpy warns about that).
+Names are imported lazily: the tools import `llada_jax.data.errors` for their error reporting, and
+that should not load sentencepiece or Grain.
 """
 
 import importlib

@@ -27,29 +27,21 @@ The verifier: `extract_answer` reads the integer after the last `####`, `verify`
 with the example's answer, and `verify_steps` checks separately that the completion is a
 well-formed chain of true equations ending in its `####` answer.
 
-CLI:
-  python -m llada_jax.data.demo_task --out_dir DIR --train N --validation N --test N \\
-      [--pretrain N] [--seed S] [--level easy|medium|hard] [--min_ops K] [--max_ops K] \\
-      [--ops +-*] [--max_operand M] [--max_value V] [--max_factor F]
-writes DIR/{train,validation,test}.jsonl (`{"prompt", "response", "answer", "n_ops",
-"op_seq"}` per line) and DIR/pretrain.txt (the first `--pretrain` training problems, default
-`--train`, as running text separated by blank lines), byte for byte the same for the same
-arguments.
+`write_task` (command line: `python -m llada_jax.task`) writes DIR/{train,validation,test}.jsonl
+(`{"prompt", "response", "answer", "n_ops", "op_seq"}` per line) and DIR/pretrain.txt (the first
+`pretrain` training problems, default `train`, as running text separated by blank lines), byte for
+byte the same for the same arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import random
 import re
-import sys
-from typing import Any, Iterable, Sequence
-
-from llada_jax import cli
+from typing import Any, Iterable
 
 SPLITS = ("train", "validation", "test")
 # Share of the prompt-hash space (out of 100) that belongs to each split.
@@ -372,37 +364,3 @@ def write_task(out_dir: str | os.PathLike, *, train: int, validation: int, test:
   write_pretrain_text(paths["pretrain"], train_examples[:pretrain])
   return paths
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m llada_jax.data.demo_task",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--out_dir", required=True)
-  parser.add_argument("--train", type=int, default=5000)
-  parser.add_argument("--validation", type=int, default=200)
-  parser.add_argument("--test", type=int, default=500)
-  parser.add_argument("--pretrain", type=int, default=None,
-                      help="training problems in pretrain.txt (default: --train)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--level", choices=tuple(LEVELS), default=DEFAULT_LEVEL)
-  parser.add_argument("--min_ops", type=int, default=None)
-  parser.add_argument("--max_ops", type=int, default=None)
-  parser.add_argument("--ops", default=None, help="allowed operations, e.g. '+-' or '+-*'")
-  parser.add_argument("--max_operand", type=int, default=None)
-  parser.add_argument("--max_value", type=int, default=None)
-  parser.add_argument("--max_factor", type=int, default=None)
-  args = parser.parse_args(argv)
-  knobs = {k: getattr(args, k) for k in
-           ("min_ops", "max_ops", "ops", "max_operand", "max_value", "max_factor")}
-  try:
-    difficulty = make_difficulty(args.level, **knobs)
-    paths = write_task(args.out_dir, train=args.train, validation=args.validation,
-                       test=args.test, pretrain=args.pretrain, seed=args.seed,
-                       level=difficulty)
-  except ValueError as e:
-    return cli.fail(e)
-  print(f"wrote {', '.join(paths.values())} ({difficulty}, seed={args.seed})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

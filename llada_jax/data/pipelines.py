@@ -43,7 +43,9 @@ import grain
 import numpy as np
 from etils import epath
 
-from llada_jax.data import sources
+from llada_jax.storage import remote
+
+from llada_jax.data import readers, sources
 from llada_jax.data.errors import DataError
 from llada_jax.data.tokenizer import Tokenizer
 
@@ -81,7 +83,7 @@ def canonical_kind(kind: str) -> str:
 
 def _glob(pattern: str) -> list[str]:
   """Sorted matches of a local or remote (gs://...) pattern; remote ones through etils.epath."""
-  if "://" not in pattern:
+  if not remote.is_remote(pattern):
     return sorted(glob.glob(pattern))
   parts = pattern.split("/")
   first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
@@ -125,15 +127,15 @@ def make_source(kind: str, files, tokenizer: Tokenizer, *, seq_len: int,
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
   if kind == "pretrain":
-    array_records = [p for p in paths if sources.is_array_record(p)]
-    texts = [p for p in paths if not sources.is_array_record(p)]
+    array_records = [p for p in paths if readers.is_array_record(p)]
+    texts = [p for p in paths if not readers.is_array_record(p)]
     parts = []
     if texts:
       parts.append(sources.TokenRowSource(texts, tokenizer, seq_len))
     if array_records:
       parts.append(sources.ArrayRecordRowSource(array_records, tokenizer, seq_len))
     return parts[0] if len(parts) == 1 else sources.ConcatSource(parts)
-  not_jsonl = [p for p in paths if not sources.is_jsonl(p)]
+  not_jsonl = [p for p in paths if not readers.is_jsonl(p)]
   if not_jsonl:
     raise DataError(f"{kind} data must be JSONL; expected a .jsonl file", path=not_jsonl[0])
   cls = sources.SFTSource if kind == "sft" else sources.PreferenceSource

@@ -1,25 +1,19 @@
-"""Tokenizers: a small interface, sentencepiece and Hugging Face backends, training and a CLI.
+"""Tokenizers: a small interface, sentencepiece and Hugging Face backends, and training.
 
 The interface carries the LLaDA special tokens (mask, EOS = pad, BOS, chat markers) and builds
 the chat template from ids, so header and end-of-turn markers are always single special tokens
 and user text can never produce a special id. Backends: sentencepiece models trained here
-(`.model`) and Hugging Face `tokenizer.json` files, such as the one shipped with LLaDA-8B.
-
-Train a tokenizer:
-
-  python -m llada_jax.data.tokenizer train --input a.txt --input b.jsonl \
-      --model_prefix out/tok --vocab_size 2048
+(`.model`, command line: `python -m llada_jax.tokenizer train`) and Hugging Face `tokenizer.json`
+files, such as the one shipped with LLaDA-8B.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 import os
-import sys
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from llada_jax import cli
+from llada_jax.data import readers
 from llada_jax.data.errors import DataError
 
 MASK_TOKEN = "<|mdm_mask|>"
@@ -367,22 +361,20 @@ def iter_training_text(input_files: Sequence[str | os.PathLike]) -> Iterator[str
   JSONL lines contribute their text fields (`text`, `prompt`, `response`, `chosen`, `rejected`,
   `messages[*].content`). sentencepiece trains on lines, so texts are split on newlines.
   """
-  from llada_jax.data import sources
-
   for path in input_files:
     path = os.fspath(path)
-    if sources.is_jsonl(path):
-      for line, obj in sources.iter_jsonl(path):
+    if readers.is_jsonl(path):
+      for line, obj in readers.iter_jsonl(path):
         texts = [(k, obj[k]) for k in _JSONL_TEXT_FIELDS if isinstance(obj.get(k), str)]
         messages = obj.get("messages")
         if isinstance(messages, list):
           texts += [(f"messages[{i}].content", m["content"]) for i, m in enumerate(messages)
                     if isinstance(m, dict) and isinstance(m.get("content"), str)]
         for field, text in texts:
-          sources.check_utf8(text, path=path, line=line, field=field)
+          readers.check_utf8(text, path=path, line=line, field=field)
           yield from (t for t in text.split("\n") if t.strip())
     else:
-      for _, document in sources.iter_text_documents(path):
+      for _, document in readers.iter_text_documents(path):
         yield from (t for t in document.split("\n") if t.strip())
 
 
@@ -461,32 +453,3 @@ def train_sentencepiece(
   )
   return SentencePieceTokenizer(model_prefix + ".model")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m llada_jax.data.tokenizer",
-                                   description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  train = commands.add_parser("train", help="train a sentencepiece tokenizer")
-  train.add_argument("--input", action="append", required=True,
-                     help="text or JSONL file; repeat for several")
-  train.add_argument("--model_prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-  train.add_argument("--vocab_size", type=int, required=True)
-  train.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
-  train.add_argument("--character_coverage", type=float, default=0.9995)
-  train.add_argument("--max_sentences", type=int, default=2_000_000)
-  train.add_argument("--num_threads", type=int, default=None)
-  train.add_argument("--verbose", action="store_true")
-  args = parser.parse_args(argv)
-  try:
-    tok = train_sentencepiece(
-        args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
-        character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-        num_threads=args.num_threads, verbose=args.verbose)
-  except (DataError, ValueError) as e:
-    return cli.fail(e)
-  print(f"wrote {tok.model_path} (vocab_size={tok.vocab_size}, special ids={tok.special_ids})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

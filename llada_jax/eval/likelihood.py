@@ -1,4 +1,4 @@
-"""Likelihood scoring of responses with the l/L ELBO (REFERENCE section 3).
+"""Likelihood scoring of responses with the l/L ELBO (docs/method.md, "ELBO estimators").
 
 `score_answers` follows the reference evaluation: per example, `mc_num` samples in rounds of
 `batch_size` rows, each round one stratified sweep of the masking level l over 1..L, the prompt
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax import diffusion as D
-from llada_jax import model as model_lib
+from llada_jax import model as model_lib, sampling
 from llada_jax.model import LogitsFn, ModelConfig
 
 Array = jax.Array
@@ -40,7 +40,7 @@ DEFAULT_MAX_TOKENS_PER_FORWARD = 1 << 14
 
 
 def guided_logits_fn(logits_fn: LogitsFn, prompt_mask: Array, cfg_scale, mask_id: int) -> LogitsFn:
-  """Unsupervised classifier-free guidance around `logits_fn`: `un + (w + 1) (cond - un)`.
+  """Unsupervised classifier-free guidance (`sampling.guide`) around `logits_fn`.
 
   The unconditional pass is the same input with the prompt (`prompt_mask`, broadcastable to the
   tokens) replaced by mask tokens. Both passes go through the model as one batch of 2B rows.
@@ -51,7 +51,7 @@ def guided_logits_fn(logits_fn: LogitsFn, prompt_mask: Array, cfg_scale, mask_id
     both = jnp.concatenate([tokens, un_tokens], axis=0)
     doubled = {k: None if v is None else jnp.concatenate([v, v], axis=0) for k, v in kwargs.items()}
     cond, un = jnp.split(logits_fn(params, both, **doubled), 2, axis=0)
-    return un + (cfg_scale + 1.0) * (cond - un)
+    return sampling.guide(cond, un, cfg_scale)
 
   return fn
 

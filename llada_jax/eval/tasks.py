@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llada_jax.data import sources
+from llada_jax.data import readers
 from llada_jax.data.errors import DataError
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.eval import generation as gen
@@ -42,8 +42,8 @@ def _int_field(obj, key, *, path, line) -> int:
 
 def load_multiple_choice(path) -> list[dict[str, Any]]:
   examples = []
-  for line, obj in sources.iter_jsonl(path):
-    prompt = sources.get_string(obj, "prompt", path=path, line=line)
+  for line, obj in readers.iter_jsonl(path):
+    prompt = readers.get_string(obj, "prompt", path=path, line=line)
     choices = obj.get("choices")
     if not isinstance(choices, list) or len(choices) < 2:
       got = "missing" if choices is None else f"got {choices!r}"[:80]
@@ -52,7 +52,7 @@ def load_multiple_choice(path) -> list[dict[str, Any]]:
       if not isinstance(choice, str) or not choice:
         raise DataError(f"got {choice!r}"[:80] + "; expected a non-empty string", path=path, line=line,
                         field=f"choices[{i}]")
-      sources.check_utf8(choice, path=path, line=line, field=f"choices[{i}]")
+      readers.check_utf8(choice, path=path, line=line, field=f"choices[{i}]")
     answer = _int_field(obj, "answer", path=path, line=line)
     if not 0 <= answer < len(choices):
       raise DataError(f"{answer} is not an index into the {len(choices)} choices; expected 0..{len(choices) - 1}",
@@ -62,23 +62,23 @@ def load_multiple_choice(path) -> list[dict[str, Any]]:
 
 
 def load_scores(path) -> list[dict[str, Any]]:
-  return [{"line": line, "prompt": sources.get_string(obj, "prompt", path=path, line=line),
-           "response": sources.get_string(obj, "response", path=path, line=line)}
-          for line, obj in sources.iter_jsonl(path)]
+  return [{"line": line, "prompt": readers.get_string(obj, "prompt", path=path, line=line),
+           "response": readers.get_string(obj, "response", path=path, line=line)}
+          for line, obj in readers.iter_jsonl(path)]
 
 
 def load_text(path) -> list[dict[str, Any]]:
-  if sources.is_jsonl(path):
-    return [{"line": line, "text": sources.get_string(obj, "text", path=path, line=line)}
-            for line, obj in sources.iter_jsonl(path)]
-  return [{"line": line, "text": text} for line, text in sources.iter_text_documents(path)]
+  if readers.is_jsonl(path):
+    return [{"line": line, "text": readers.get_string(obj, "text", path=path, line=line)}
+            for line, obj in readers.iter_jsonl(path)]
+  return [{"line": line, "text": text} for line, text in readers.iter_text_documents(path)]
 
 
 def load_gsm8k(path) -> list[dict[str, Any]]:
   examples = []
-  for line, obj in sources.iter_jsonl(path):
-    question = sources.get_string(obj, "question", path=path, line=line)
-    answer = sources.get_string(obj, "answer", path=path, line=line)
+  for line, obj in readers.iter_jsonl(path):
+    question = readers.get_string(obj, "question", path=path, line=line)
+    answer = readers.get_string(obj, "answer", path=path, line=line)
     target = gen.gsm8k_reference_answer(answer)
     if target is None:
       raise DataError(f"no number after '{gen.GSM8K_MARK}' in {answer[-60:]!r}; expected the final answer "
@@ -89,8 +89,8 @@ def load_gsm8k(path) -> list[dict[str, Any]]:
 
 def load_demo(path) -> list[dict[str, Any]]:
   examples = []
-  for line, obj in sources.iter_jsonl(path):
-    prompt = sources.get_string(obj, "prompt", path=path, line=line)
+  for line, obj in readers.iter_jsonl(path):
+    prompt = readers.get_string(obj, "prompt", path=path, line=line)
     answer = _int_field(obj, "answer", path=path, line=line)
     examples.append({**obj, "line": line, "prompt": prompt, "answer": answer})
   return examples

@@ -1,7 +1,7 @@
-"""LLaDA 1.5: VRPO on LLaDA-8B-Instruct, the paper's recipe (REFERENCE section 5).
+"""LLaDA 1.5: VRPO on LLaDA-8B-Instruct, the paper's recipe (docs/method.md, "Recipes").
 
-  --config=configs/llada_8b_vrpo.py:v5p     FSDP over every chip of a v5p slice (the default)
-  --config=configs/llada_8b_vrpo.py:h100x8  8-GPU nodes: FSDP over all GPUs of all nodes
+  --config=llada_8b_vrpo:v5p     FSDP over every chip of a v5p slice (the default)
+  --config=llada_8b_vrpo:h100x8  8-GPU nodes: FSDP over all GPUs of all nodes
 
 Recipe: policy and frozen reference both LLaDA-8B-Instruct; 350K preference pairs, 1 epoch, global
 batch 64 pairs; AdamW (weight decay 0.01, betas 0.9/0.95), lr 5e-7 after 15 warmup steps, cosine
@@ -18,18 +18,16 @@ reference) and `workdir` on the command line.
 """
 
 import math
-import pathlib
 
-from llada_jax import config_lib, optim
-
-sft = config_lib.load_config_module(pathlib.Path(__file__).with_name("llada_8b_sft.py"))
+from llada_jax import optim
+from llada_jax.configs import base, llada_8b_sft as sft
 
 VRPO_PAIRS, VRPO_EPOCHS, VRPO_BATCH = 350_000, 1, 64
 
 
 def get_config(variant: str = "v5p"):
-  c = config_lib.base_config()
-  sft.apply_platform(c, variant, "configs/llada_8b_vrpo.py")
+  c = base.base_config()
+  sft.apply_platform(c, variant, "llada_8b_vrpo")
   if variant == "h100x8":
     # 2 x 8 noised copies per pair leave no room for a node's share of the weights (fsdp=8 needs
     # about 87 GB a GPU): FSDP over all GPUs instead, its all-gathers spread over a long step.

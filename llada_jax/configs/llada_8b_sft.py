@@ -1,7 +1,7 @@
-"""LLaDA-8B supervised fine-tuning, the paper's recipe (REFERENCE section 2), on TPU pods or GPU nodes.
+"""LLaDA-8B supervised fine-tuning, the paper's recipe (docs/method.md, "Recipes"), on TPU pods or GPU nodes.
 
-  --config=configs/llada_8b_sft.py:v5p     FSDP over every chip of a v5p slice (the default)
-  --config=configs/llada_8b_sft.py:h100x8  8-GPU nodes: FSDP within a node, data parallel across nodes
+  --config=llada_8b_sft:v5p     FSDP over every chip of a v5p slice (the default)
+  --config=llada_8b_sft:h100x8  8-GPU nodes: FSDP within a node, data parallel across nodes
 
 Recipe: global batch 256, AdamW (weight decay 0.1), lr 2.5e-5 after 50 warmup steps, constant,
 then linear to 2.5e-6 over the last 10% of steps; 3 epochs. `total_steps` is the paper's 4.5M
@@ -15,7 +15,8 @@ layers. Set `data.train_files`, `data.tokenizer` (the LLaDA tokenizer.json), `ch
 
 import math
 
-from llada_jax import config_lib, optim
+from llada_jax import optim
+from llada_jax.configs import base, models
 
 VARIANTS = ("v5p", "h100x8")
 
@@ -24,10 +25,10 @@ SFT_PAIRS, SFT_EPOCHS, SFT_BATCH = 4_500_000, 3, 256
 
 
 def apply_platform(c, variant: str, config_file: str):
-  """Model numerics and the mesh for a platform variant; shared with configs/llada_8b_vrpo.py."""
+  """Model numerics and the mesh for a platform variant; shared with llada_8b_vrpo."""
   if variant not in VARIANTS:
     raise ValueError(f"{config_file}: variant {variant!r}; expected one of {VARIANTS}")
-  c.model = config_lib.model_preset("llada_8b")
+  c.model = models.get_config("llada_8b")
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"  # float32 master weights and Adam moments
   c.model.remat = "full"
@@ -45,8 +46,8 @@ def apply_platform(c, variant: str, config_file: str):
 
 
 def get_config(variant: str = "v5p"):
-  c = config_lib.base_config()
-  apply_platform(c, variant, "configs/llada_8b_sft.py")
+  c = base.base_config()
+  apply_platform(c, variant, "llada_8b_sft")
   c.objective = "sft"
   c.total_steps = math.ceil(SFT_PAIRS * SFT_EPOCHS / SFT_BATCH)  # 52,735
   c.data.seq_len = 4096

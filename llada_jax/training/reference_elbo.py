@@ -34,7 +34,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from llada_jax import sharding, trainer, vrpo
+from llada_jax import sharding, vrpo
+from llada_jax.training import objectives, step as step_lib
 
 REFERENCE_CHOSEN = "reference_chosen_elbo"
 REFERENCE_REJECTED = "reference_rejected_elbo"
@@ -135,10 +136,10 @@ def reference_elbo_fn(loss: vrpo.VRPOLoss, *, micro_batches: int = 1) -> Callabl
   """
 
   def fn(reference_params, batch, root_key, step):
-    key = jax.random.fold_in(root_key, step)
+    key = step_lib.step_key(root_key, step)
     if micro_batches == 1:
       return loss.reference_elbos(reference_params, batch, key)
-    micro = trainer.split_micro_batches(batch, micro_batches)
+    micro = step_lib.split_micro_batches(batch, micro_batches)
     chosen, rejected = jax.lax.map(lambda mb: loss.reference_elbos(reference_params, mb, key), micro)
     # Undo the split: micro-batch a held rows a, a + n, a + 2n, ...
     return tuple(jnp.swapaxes(x, 0, 1).reshape(-1) for x in (chosen, rejected))
@@ -164,14 +165,14 @@ def compute(loss: vrpo.VRPOLoss, reference_params, batches: Iterable[Mapping[str
   iteration stops early when they run out (so does training). Every process gets the whole table.
   With the logical-axis `rules`, activations are constrained as in the train step.
   """
-  if isinstance(loss, trainer.Objective):
+  if isinstance(loss, objectives.Objective):
     loss = loss.loss_fn
   if not isinstance(loss, vrpo.VRPOLoss):
     raise ValueError(f"reference ELBOs: expected a vrpo.VRPOLoss, got {type(loss).__name__}")
   replicated = sharding.replicated(batch_sharding.mesh)
   fn = reference_elbo_fn(loss, micro_batches=micro_batches)
   if rules is not None:
-    fn = trainer.with_activation_rules(fn, batch_sharding.mesh, rules)
+    fn = step_lib.with_activation_rules(fn, batch_sharding.mesh, rules)
   fn = jax.jit(fn,
                in_shardings=(reference_shardings, batch_sharding, replicated, replicated),
                out_shardings=(batch_sharding, batch_sharding))
@@ -205,25 +206,22 @@ def compute(loss: vrpo.VRPOLoss, reference_params, batches: Iterable[Mapping[str
 # A training run's table.
 
 
-def reference_source(config) -> str:
-  return config.checkpoint.reference_from or config.checkpoint.init_from
+def run_metadata(*, seed: int, vrpo_config: vrpo.VRPOConfig, reference_from: str, reference_step: int,
+                 model: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+  """Everything a run's reference ELBOs depend on (not the policy side: lr, beta, sft_weight).
 
-
-def run_metadata(config, loss: vrpo.VRPOLoss) -> dict[str, Any]:
-  """Everything a run's reference ELBOs depend on (not the policy side: lr, beta, sft_weight)."""
-  vcfg = loss.config
-  model = {k: v for k, v in config.model.to_dict().items() if k not in _NUMERICS_FREE_FIELDS}
-  data = {k: config.data[k] for k in ("train_files", "tokenizer", "seq_len", "global_batch_size", "shuffle",
-                                      "num_epochs", "chat_template", "on_too_long", "seed")}
+  `model` holds the model config's fields, `data` the data settings that fix which examples each
+  step reads (files, tokenizer, shape, order, epochs, seed).
+  """
+  v = vrpo_config
   meta = {
       "format": FORMAT,
-      "seed": config.seed,
-      "estimator": {"n_timesteps": vcfg.n_timesteps, "masks_per_timestep": vcfg.masks_per_timestep,
-                    "antithetic": vcfg.antithetic, "estimator": vcfg.estimator, "stratified": vcfg.stratified,
-                    "eps": vcfg.eps},
-      "reference": {"from": reference_source(config), "step": config.checkpoint.init_step},
-      "model": model,
-      "data": data,
+      "seed": seed,
+      "estimator": {"n_timesteps": v.n_timesteps, "masks_per_timestep": v.masks_per_timestep,
+                    "antithetic": v.antithetic, "estimator": v.estimator, "stratified": v.stratified, "eps": v.eps},
+      "reference": {"from": reference_from, "step": reference_step},
+      "model": {k: val for k, val in model.items() if k not in _NUMERICS_FREE_FIELDS},
+      "data": dict(data),
   }
   return json.loads(json.dumps(meta, default=list))  # tuples -> lists, as read back from the file
 
@@ -239,45 +237,40 @@ def _differences(saved: Mapping, wanted: Mapping, prefix: str = "") -> list[str]
   return out
 
 
-def check_matches(table: ReferenceELBOs, config, loss: vrpo.VRPOLoss) -> None:
-  """Raises ValueError unless `table` was computed for this run and covers its steps."""
-  wanted = run_metadata(config, loss)
+def check_matches(table: ReferenceELBOs, metadata: Mapping[str, Any], *, total_steps: int) -> None:
+  """Raises ValueError unless `table` was computed for the run `metadata` describes and covers
+  its `total_steps` steps."""
   saved = {k: v for k, v in table.metadata.items() if k not in ("steps", "exhausted")}
-  diffs = _differences(saved, wanted)
+  diffs = _differences(saved, metadata)
   if diffs:
     raise ValueError(f"{table.source}: the reference ELBOs were computed for another run ({'; '.join(diffs)}); "
                      "expected a table for this run: delete it, or set config.vrpo.reference_elbos_file to a new path")
   covered = int(table.metadata.get("steps", 0))
-  if covered < config.total_steps and not table.metadata.get("exhausted"):
+  if covered < total_steps and not table.metadata.get("exhausted"):
     raise ValueError(f"{table.source}: the table covers steps [0, {covered}), the run needs "
-                     f"config.total_steps={config.total_steps}; expected a table for the whole run: delete it to "
-                     "recompute")
+                     f"config.total_steps={total_steps}; expected a table for the whole run: delete it to recompute")
 
 
-def table_path(config) -> epath.Path:
-  path = config.vrpo.get("reference_elbos_file", "")
-  return epath.Path(path) if path else epath.Path(config.workdir) / DEFAULT_FILENAME
-
-
-def load_or_compute(config, loss: vrpo.VRPOLoss, *, root_key, batch_sharding, reference_shardings,
+def load_or_compute(path, metadata: Mapping[str, Any], loss: vrpo.VRPOLoss, *, total_steps: int, root_key,
+                    batch_sharding, reference_shardings, micro_batches: int = 1, rules=None,
                     make_batches: Callable[[], Iterable], load_reference: Callable[[], Any]) -> ReferenceELBOs:
-  """The run's table: read from `table_path(config)` if there, else computed (and saved by process 0).
+  """The run's table: read from `path` if there (and checked against `metadata`), else computed
+  and saved by process 0.
 
   `make_batches()` is a fresh data iterator positioned at step 0; `load_reference()` the reference
   parameters, placed on `reference_shardings`. Neither is called when the file exists.
   """
-  path = table_path(config)
+  path = epath.Path(path)
   if path.exists():
     table = ReferenceELBOs.load(path)
-    check_matches(table, config, loss)
+    check_matches(table, metadata, total_steps=total_steps)
     logging.info("Reference ELBOs: %d entries read from %s", len(table), path)
     return table
   start = time.perf_counter()
   reference_params = load_reference()
   table = compute(loss, reference_params, make_batches(), root_key, batch_sharding=batch_sharding,
-                  reference_shardings=reference_shardings, num_steps=config.total_steps,
-                  micro_batches=config.grad_accum_steps, rules=sharding.rules_from_config(config.sharding_rules),
-                  metadata=run_metadata(config, loss))
+                  reference_shardings=reference_shardings, num_steps=total_steps, micro_batches=micro_batches,
+                  rules=rules, metadata=metadata)
   del reference_params
   table = dataclasses.replace(table, source=str(path))
   if jax.process_index() == 0:

@@ -1,43 +1,19 @@
 """The training config: one ml_collections ConfigDict with every field a run can set.
 
-Recipe files in `configs/` start from `base_config()` and change what they need; the command line
-overrides single fields (`--config.optimizer.lr=1e-4`). The config is locked, so a mistyped key
-is an error that names it.
+Recipes (`llada_jax/configs/*.py`, or any user file) start from `base_config()` and change what
+they need; the command line overrides single fields (`--config.optimizer.lr=1e-4`). The config is
+locked, so a mistyped key is an error that names it. It is read in one place,
+`llada_jax.training.build`; library modules below it take typed arguments.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
 from llada_jax import optim, sharding
+from llada_jax.configs import models
 
 OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
-_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config_module(path):
-  """A config file as a module (config files import their siblings this way)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"No config file at {path}")
-  spec = importlib.util.spec_from_file_location(f"_llada_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config([arg])` of a config file, as `--config=path[:arg]` would load it."""
-  module = load_config_module(path)
-  return module.get_config() if arg is None else module.get_config(arg)
-
-
-def model_preset(name: str) -> ml_collections.ConfigDict:
-  """A model preset from `configs/models.py`, with every ModelConfig field."""
-  return load_config_file(_CONFIGS_DIR / "models.py", name)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -49,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per step (the global batch is split into them)
   c.max_nonfinite_in_a_row = 10  # stop after this many skipped (non-finite) updates in a row
 
-  c.model = model_preset("tiny")
+  c.model = models.get_config("tiny")
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.eps = 1e-3

@@ -1,21 +1,18 @@
 """Demo stage 3: VRPO from the SFT model (policy init and frozen reference) on its own verified
-samples. `--config=configs/demo_vrpo.py:naive_dpo` gives the naive-DPO baseline (n_t = n_yt = 1,
+samples. `--config=demo_vrpo:naive_dpo` gives the naive-DPO baseline (n_t = n_yt = 1,
 no antithetic sampling) with everything else equal.
 """
 
-import pathlib
-
-from llada_jax import config_lib
-
-common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_common.py"))
+from llada_jax import optim
+from llada_jax.configs import demo_common as common
 
 
 def get_config(variant: str = "vrpo"):
   if variant not in ("vrpo", "naive_dpo"):
-    raise ValueError(f"configs/demo_vrpo.py: variant {variant!r}; expected 'vrpo' or 'naive_dpo'")
+    raise ValueError(f"demo_vrpo: variant {variant!r}; expected 'vrpo' or 'naive_dpo'")
   c = common.base(variant, total_steps=16)
   c.data.global_batch_size = 16
-  c.optimizer = config_lib.optim.default_optimizer_config("vrpo")
+  c.optimizer = optim.default_optimizer_config("vrpo")
   c.optimizer.total_steps = c.get_ref("total_steps")
   # 1/25 of the SFT peak (the paper: 1/50). At 5e-5 and 1e-4 VRPO lowered test accuracy by 5-6 points.
   c.optimizer.lr = 2e-5

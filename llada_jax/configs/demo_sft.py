@@ -1,10 +1,6 @@
 """Demo stage 2: supervised fine-tuning on worked solutions, from the pretrained weights."""
 
-import pathlib
-
-from llada_jax import config_lib
-
-common = config_lib.load_config_module(pathlib.Path(__file__).with_name("demo_common.py"))
+from llada_jax.configs import demo_common as common
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""Model presets: `--config=configs/models.py:NAME`, or `get_config(NAME)` from a recipe config.
+"""Model presets, `models.get_config(NAME)` in a recipe (and `--model=NAME` where a tool takes one).
 
 tiny      tests (a few thousand parameters, runs in milliseconds)
 demo      the CPU demo recipe (5.6M parameters with the demo's 1024-piece vocabulary)
@@ -29,7 +29,7 @@ PRESETS = {
 
 def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
   if name not in PRESETS:
-    raise ValueError(f"configs/models.py: unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    raise ValueError(f"models: unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
   values = dict(PRESETS[name])
   # Every ModelConfig field is present, so any of them can be overridden from the command line.
   for field in dataclasses.fields(ModelConfig):

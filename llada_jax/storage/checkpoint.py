@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from llada_jax.storage import remote
+
 try:
   import grain
   _GRAIN_CHECKPOINT = grain.checkpoint
@@ -148,6 +150,21 @@ def _steps_message(steps: Sequence[int]) -> str:
   return f"available steps: {sorted(steps)}" if steps else "it holds no finished checkpoint"
 
 
+def resolve_step(manager: ocp.CheckpointManager, step: int | None, directory, purpose: str = "") -> int:
+  """Which saved step to read: `step` if it was saved, the latest for None. Every reader of a
+  checkpoint (resume, initial weights, generation, export) picks its step here."""
+  steps = manager.all_steps()
+  if step is None:
+    latest = manager.latest_step()
+    if latest is None:
+      raise FileNotFoundError(f"No checkpoint {purpose + ' ' if purpose else ''}in {directory}: "
+                              f"{_steps_message(steps)}.")
+    return int(latest)
+  if int(step) not in steps:
+    raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; {_steps_message(steps)}.")
+  return int(step)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint manager
 
@@ -155,7 +172,7 @@ def _steps_message(steps: Sequence[int]) -> str:
 def _absolute(directory: epath.PathLike) -> epath.Path:
   """An absolute path: Orbax's TensorStore writer refuses relative local paths (`--workdir runs/x`)."""
   text = os.fspath(directory)
-  return epath.Path(text if "://" in text else os.path.abspath(text))
+  return epath.Path(text if remote.is_remote(text) else os.path.abspath(text))
 
 
 class CheckpointManager:
@@ -277,18 +294,9 @@ class CheckpointManager:
 
   # -- restore --------------------------------------------------------------------------------
 
-  def _resolve_step(self, step: int | None) -> int:
-    steps = self._manager.all_steps()
-    if step is None:
-      step = self._manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"No checkpoint to restore in {self.directory}: "
-                                f"{_steps_message(steps)}.")
-      return step
-    if int(step) not in steps:
-      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
-                              f"{_steps_message(steps)}.")
-    return int(step)
+  def resolve_step(self, step: int | None) -> int:
+    """`step` if it was saved, the latest saved step for None; FileNotFoundError otherwise."""
+    return resolve_step(self._manager, step, self.directory, "to restore")
 
   def restore(self, step: int | None = None, *, abstract_state: Any, data_iterator: Any = None):
     """Restores the train state saved at `step` (default: the latest) onto `abstract_state`.
@@ -299,7 +307,7 @@ class CheckpointManager:
     Returns the state with the structure of `abstract_state`.
     """
     self._manager.wait_until_finished()
-    step = self._resolve_step(step)
+    step = self.resolve_step(step)
     where = f"checkpoint step {step} in {self.directory}"
     target = _with_shardings(abstract_state, f"Restoring {where}")
     stored = _stored_tree(self._manager.item_metadata(step)[STATE])
@@ -323,7 +331,7 @@ class CheckpointManager:
   def read_metadata(self, step: int | None = None) -> dict[str, Any]:
     """The run metadata stored with the checkpoint at `step` (default: the latest)."""
     self._manager.wait_until_finished()
-    step = self._resolve_step(step)
+    step = self.resolve_step(step)
     if not (self._step_dir(step) / RUN_METADATA).exists():
       raise ValueError(f"Checkpoint step {step} in {self.directory} has no run metadata.")
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -380,16 +388,7 @@ def load_params(
   manager = ocp.CheckpointManager(
       directory, options=options, item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
   try:
-    steps = manager.all_steps()
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"No checkpoint to load parameters from in {directory}: "
-                                f"{_steps_message(steps)}.")
-    elif int(step) not in steps:
-      raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; "
-                              f"{_steps_message(steps)}.")
-    step = int(step)
+    step = resolve_step(manager, step, directory, "to load parameters from")
     where = f"checkpoint step {step} in {directory}"
 
     node = _stored_tree(manager.item_metadata(step)[STATE])
@@ -551,7 +550,7 @@ def load_model(path: epath.PathLike, *, step: int | None = None, overrides: Mapp
 
   directory = _checkpoint_dir(path)
   with CheckpointManager(directory, read_only=True) as manager:
-    step = manager.latest_step() if step is None else step
+    step = manager.resolve_step(step)
     config = manager.read_metadata(step).get("config")
   if not config or "model" not in config:
     raise ValueError(f"Checkpoint step {step} in {directory} has no model config in its run metadata.")

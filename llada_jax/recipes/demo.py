@@ -1,0 +1,338 @@
+"""The demo chain behind `python -m llada_jax.demo`: the LLaDA 1.5 recipe in miniature, offline on a CPU: generate the shipped arithmetic task, train a
+tokenizer, pretrain a mask predictor, supervise-fine-tune it, sample answers from the SFT model,
+verify them and pair a correct with an incorrect one, align with VRPO and with the naive-DPO
+baseline (several seeds), and evaluate every model on the held-out test split.
+
+Every stage writes its outputs under the workdir and is skipped when they exist (training stages
+resume from their checkpoints), so running the same command again continues where it stopped.
+Training goes through `llada_jax.training.loop.run` with the shipped recipes `demo_*`; the CLIs
+(`llada_jax.train`, `llada_jax.generate`, `llada_jax.evaluate`) can run any stage alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from llada_jax import configs
+from llada_jax.bench import timing
+from llada_jax.recipes import plots
+from llada_jax.storage import checkpoint as ckpt_lib, files
+from llada_jax.training import loop
+from llada_jax.data import demo_task
+from llada_jax.data import tokenizer as tok_lib
+from llada_jax.eval import generation
+from llada_jax.sampling import SamplerConfig
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Sizes of one demo run; `FULL` is the documented recipe (docs/demo.md), `SMOKE` a seconds-long version for tests."""
+
+  level: str = "easy"
+  n_train: int = 20000
+  n_validation: int = 200
+  n_test: int = 1000
+  vocab_size: int = 1024
+  pretrain_steps: int | None = None  # None: the config file's value
+  sft_steps: int | None = None
+  vrpo_steps: int | None = None
+  pref_prompts: int = 768  # training prompts the SFT model answers to build preference pairs
+  samples_per_prompt: int = 8
+  pairs_per_prompt: int = 3  # distinct (correct, incorrect) pairs taken from one prompt's samples
+  pair_temperature: float = 0.8
+  # When a prompt has no right (or no usable wrong) sample, stand in the worked solution (or it with
+  # a wrong final answer): only for the smoke run, whose barely trained model is never right.
+  gold_fallback: bool = False
+  seeds: tuple = (0, 1, 2)
+  eval_batch: int = 50
+  table2: tuple = (("n_pairs", 8), ("batch_size", 8), ("n_repeats", 16))
+  model_overrides: tuple = ()  # (field, value) pairs applied to every stage's model
+  batch_overrides: tuple = ()  # (stage, global_batch_size)
+  optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
+  seq_len: int | None = None  # None: the config files' value
+  # Up to 32 answer tokens in two semi-autoregressive blocks, dual KV cache and confidence-
+  # threshold decoding (as accurate as the exact sampler on the demo SFT model, several times faster).
+  gen_length: int = 32
+  block_length: int = 16
+  steps: int = 32
+  cache: str = "dual"
+  threshold: float | None = 0.9
+
+
+FULL = Recipe()
+SMOKE = Recipe(n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_steps=3, sft_steps=3, vrpo_steps=2,
+               pref_prompts=16, samples_per_prompt=2, gold_fallback=True, seeds=(0,), eval_batch=16,
+               table2=(("n_pairs", 8), ("batch_size", 4), ("n_repeats", 2)),
+               model_overrides=(("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("mlp_hidden_size", 128),
+                                ("vocab_size", 320)),
+               batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 8)), optimizer_overrides=(("warmup_steps", 0),), seq_len=160,
+               gen_length=16, block_length=8, steps=8)
+
+
+def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.Path, files, tokenizer: str,
+                  steps: int | None, seed: int = 0):
+  config = configs.load(f"demo_{name}" + (f":{arg}" if arg else ""))
+  config.workdir = str(workdir)
+  config.data.train_files = tuple(str(f) for f in files)
+  config.data.tokenizer = tokenizer
+  config.seed = seed
+  if steps is not None:
+    config.total_steps = steps
+  for field, value in recipe.model_overrides:
+    config.model[field] = value
+  if recipe.seq_len is not None:
+    config.data.seq_len = recipe.seq_len
+  for field, value in recipe.optimizer_overrides:
+    config.optimizer[field] = value
+  for stage, batch in recipe.batch_overrides:
+    if stage == name:
+      config.data.global_batch_size = batch
+  config.logging.progress_bar = False
+  return config
+
+
+def _train(config) -> pathlib.Path:
+  t = time.perf_counter()
+  result = loop.run(config)
+  logging.info("%s: step %d in %.0f s", config.workdir, result.final_step, time.perf_counter() - t)
+  return pathlib.Path(config.workdir)
+
+
+def sampler_config(recipe: Recipe, temperature: float = 0.0) -> SamplerConfig:
+  return SamplerConfig(gen_length=recipe.gen_length, block_length=recipe.block_length, steps=recipe.steps,
+                       temperature=temperature, cache=recipe.cache, threshold=recipe.threshold)
+
+
+def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, out_path: pathlib.Path) -> dict:
+  """Samples answers from the model, verifies them, and pairs a correct with an incorrect one.
+
+  A prompt contributes up to `recipe.pairs_per_prompt` pairs, its i-th distinct correct sample (right
+  answer, true working) with its i-th distinct wrong answer, so prompts the model always or never solves give none.
+  """
+  model_cfg, params, _ = ckpt_lib.load_model(run_dir)
+  k = recipe.samples_per_prompt
+  repeated = [ex for ex in examples for _ in range(k)]
+  out = generation.evaluate_generation(params, model_cfg, tokenizer, repeated,
+                                       sampler_config(recipe, recipe.pair_temperature), key,
+                                       batch_size=recipe.eval_batch, verifier=demo_task.verify)
+  pairs, solved = [], 0
+  for i, ex in enumerate(examples):
+    records = out["records"][i * k:(i + 1) * k]
+    # Chosen: the right answer reached by a chain of true equations. Most of the SFT model's right
+    # answers come after wrong working ("7 - 5 = 3. #### 3"); preferring those teaches wrong
+    # arithmetic, and VRPO on such pairs lowered test accuracy (docs/demo.md).
+    good = list(dict.fromkeys(r["completion"] for r in records
+                              if r["correct"] and demo_task.verify_steps(r["completion"])))
+    # An empty answer is wrong, but the data pipeline refuses empty fields.
+    bad = list(dict.fromkeys(r["completion"] for r in records if not r["correct"] and r["completion"].strip()))
+    solved += bool(good)
+    if recipe.gold_fallback:
+      good = good or [ex["response"]]
+      bad = bad or [ex["response"].rsplit("####", 1)[0] + f"#### {ex['answer'] + 1}"]
+    for chosen, rejected in list(zip(good, bad))[:recipe.pairs_per_prompt]:
+      pairs.append({"prompt": ex["prompt"], "chosen": chosen, "rejected": rejected})
+  files.write_text_atomic(out_path, "".join(json.dumps(p) + "\n" for p in pairs))
+  return {"prompts": len(examples), "samples": len(repeated), "sample_accuracy": out["accuracy"],
+          "prompts_with_a_correct_sample": solved, "pairs": len(pairs)}
+
+
+def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib.Path) -> dict:
+  if out_path.exists():
+    cached = json.loads(out_path.read_text())
+    if "correct" in cached:  # older results lack the per-problem list the paired tests need
+      return cached
+  model_cfg, params, _ = ckpt_lib.load_model(run_dir)
+  t = time.perf_counter()
+  out = generation.evaluate_generation(params, model_cfg, tokenizer, examples, sampler_config(recipe),
+                                       jax.random.key(0), batch_size=recipe.eval_batch,
+                                       verifier=demo_task.verify)
+  result = {"accuracy": out["accuracy"], "n": out["n"], "seconds": time.perf_counter() - t,
+            "steps_valid": float(np.mean([demo_task.verify_steps(r["completion"]) for r in out["records"]])),
+            "correct": [r["correct"] for r in out["records"]],  # per test problem, for paired tests
+            "records": out["records"][:20]}
+  files.write_json_atomic(out_path, result)
+  return result
+
+
+def paired_test(base: list[bool], other: list[bool]) -> dict:
+  """Exact McNemar test of two models scored on the same problems.
+
+  Only the problems where they disagree carry information: `fixed` (base wrong, other right) and
+  `broken` (the reverse). Under "equally accurate" each disagreement is a fair coin, so the two-sided
+  p-value is twice the binomial tail of the smaller count (capped at 1). Far more sensitive than
+  comparing two accuracies, whose binomial spread on 1000 problems (~0.013) swamps a 1-2 point gain.
+  """
+  if len(base) != len(other):
+    raise ValueError(f"paired_test: {len(base)} vs {len(other)} results; expected the same problems")
+  fixed = sum(1 for b, o in zip(base, other) if not b and o)
+  broken = sum(1 for b, o in zip(base, other) if b and not o)
+  n = fixed + broken
+  tail = sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n
+  return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+
+
+# Paper Table 2's sampling settings: (n_timesteps, masks_per_timestep, antithetic).
+TABLE2_SETTINGS = ((4, 1, True), (1, 1, True), (8, 1, True), (1, 4, True), (2, 2, True), (4, 1, False))
+PAPER_TABLE2 = {  # score / loss / gradient variance, LLaDA 8B (docs/method.md, "VRPO")
+    (4, 1, True): (2.2, 3.1e-3, 2.5), (1, 1, True): (44.0, 8.7e-2, 13.0), (8, 1, True): (1.0, 2.6e-3, 1.6),
+    (1, 4, True): (7.3, 3.2e-2, 4.7), (2, 2, True): (4.7, 7.3e-3, 2.5), (4, 1, False): (2183.7, 62.0, 10.6)}
+
+
+def variance_table(workdir, recipe: Recipe, *, policy: str, reference: str = "sft", n_pairs: int = 128,
+                   batch_size: int = 16, n_repeats: int = 8) -> list[dict]:
+  """Paper Table 2 on the demo model: score, loss and gradient variance per sampling setting.
+
+  The policy is an aligned model and the reference the SFT model, as in the paper; `n_pairs`
+  preference pairs in batches of `batch_size`, each evaluated `n_repeats` times with fresh
+  timesteps and masks.
+  """
+  from llada_jax import model as model_lib, vrpo  # noqa: PLC0415
+  from llada_jax.data import pipelines  # noqa: PLC0415
+
+  workdir = pathlib.Path(workdir)
+  model_cfg, policy_params, run_config = ckpt_lib.load_model(workdir / policy)
+  _, reference_params, _ = ckpt_lib.load_model(workdir / reference)
+  tokenizer = tok_lib.load_tokenizer(workdir / "tokenizer.model")
+  source = pipelines.make_source("preference", [workdir / "preferences.jsonl"], tokenizer,
+                                 seq_len=run_config["data"]["seq_len"], chat_template=False, on_too_long="skip")
+  n = min(n_pairs, len(source)) // batch_size * batch_size
+  if n == 0:
+    raise ValueError(f"{workdir}/preferences.jsonl has {len(source)} pairs; expected at least {batch_size}")
+  rows = [source[i] for i in range(n)]
+  batches = [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+             for i in range(0, n, batch_size)]
+  logits = model_lib.logits_fn(model_cfg)
+  table = []
+  for n_t, n_yt, antithetic in TABLE2_SETTINGS:
+    loss = vrpo.VRPOLoss(logits, model_cfg.mask_token_id,
+                         vrpo.VRPOConfig(beta=run_config["vrpo"]["beta"], n_timesteps=n_t, masks_per_timestep=n_yt,
+                                         antithetic=antithetic))
+    out = vrpo.variance_diagnostics(loss, policy_params, reference_params, batches, jax.random.key(11),
+                                    n_repeats=n_repeats)
+    table.append({"n_timesteps": n_t, "masks_per_timestep": n_yt, "antithetic": antithetic, "pairs": n, **out,
+                  "paper": dict(zip(("score_variance", "loss_variance", "gradient_variance"),
+                                    PAPER_TABLE2[(n_t, n_yt, antithetic)]))})
+    logging.info("Table 2 %s: %s", (n_t, n_yt, antithetic), out)
+  return table
+
+
+def format_variance_table(table: list[dict]) -> str:
+  lines = ["| n_t, n_yt, antithetic | Var score | Var loss | Var gradient | paper (score / loss / grad) |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in table:
+    p = r["paper"]
+    lines.append(f"| {r['n_timesteps']}, {r['masks_per_timestep']}, {'yes' if r['antithetic'] else 'no'} | "
+                 f"{r['score_variance']:.3g} | {r['loss_variance']:.3g} | {r['gradient_variance']:.3g} | "
+                 f"{p['score_variance']} / {p['loss_variance']} / {p['gradient_variance']} |")
+  return "\n".join(lines)
+
+
+def run_demo(workdir, recipe: Recipe = FULL) -> dict:
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = {}
+  t0 = time.perf_counter()
+
+  data_dir = workdir / "data"
+  if not (data_dir / "test.jsonl").exists():
+    demo_task.write_task(data_dir, train=recipe.n_train, validation=recipe.n_validation, test=recipe.n_test,
+                         level=recipe.level)
+  tok_path = workdir / "tokenizer.model"
+  if not tok_path.exists():
+    tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size)
+  tokenizer = tok_lib.load_tokenizer(tok_path)
+  timings["data"] = time.perf_counter() - t0
+
+  def stage(name, arg, run_name, files, steps, seed=0, init_from=None):
+    t = time.perf_counter()
+    config = _stage_config(recipe, name, arg, workdir / run_name, files, str(tok_path), steps, seed)
+    if init_from is not None:
+      config.checkpoint.init_from = str(workdir / init_from / "checkpoints")
+    out = _train(config)
+    timings[run_name] = time.perf_counter() - t
+    return out
+
+  stage("pretrain", None, "pretrain", [data_dir / "pretrain.txt"], recipe.pretrain_steps)
+  stage("sft", None, "sft", [data_dir / "train.jsonl"], recipe.sft_steps, init_from="pretrain")
+
+  test = demo_task.read_jsonl(data_dir / "test.jsonl")
+  pairs_path = workdir / "preferences.jsonl"
+  t = time.perf_counter()
+  if not pairs_path.exists():
+    prompts = demo_task.read_jsonl(data_dir / "train.jsonl")
+    rng = random.Random(1234)
+    chosen = rng.sample(prompts, min(recipe.pref_prompts, len(prompts)))
+    stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path)
+    files.write_json_atomic(workdir / "preferences.stats.json", stats)
+  timings["preferences"] = time.perf_counter() - t
+
+  results = {"sft": [evaluate_run(workdir / "sft", tokenizer, test, recipe, workdir / "sft" / "test_eval.json")]}
+  for seed in recipe.seeds:
+    for variant in ("vrpo", "naive_dpo"):
+      run_name = f"{variant}_seed{seed}"
+      stage("vrpo", variant, run_name, [pairs_path], recipe.vrpo_steps, seed=seed, init_from="sft")
+      t = time.perf_counter()
+      results.setdefault(variant, []).append(
+          evaluate_run(workdir / run_name, tokenizer, test, recipe, workdir / run_name / "test_eval.json"))
+      timings[f"eval_{run_name}"] = time.perf_counter() - t
+  t = time.perf_counter()
+  table_path = workdir / "variance_table.json"
+  if not table_path.exists():
+    table = variance_table(workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2))
+    files.write_json_atomic(table_path, table)
+  table = json.loads(table_path.read_text())
+  plots.variance_table(table, workdir / "variance_table.png")
+  runs = {name: workdir / name / "metrics.jsonl" for name in
+          ["pretrain", "sft"] + [f"{v}_seed{recipe.seeds[0]}" for v in ("vrpo", "naive_dpo")]}
+  plots.training_curves(runs, workdir / "training_curves.png")
+  timings["variance_table"] = time.perf_counter() - t
+  timings["total"] = time.perf_counter() - t0
+
+  summary = {
+      "test_accuracy": {k: {"mean": float(np.mean([r["accuracy"] for r in v])),
+                            "std": float(np.std([r["accuracy"] for r in v])),
+                            "per_seed": [r["accuracy"] for r in v]} for k, v in results.items()},
+      # Each aligned model against the SFT model on the same test problems.
+      "paired_vs_sft": {f"{k}_seed{seed}": paired_test(results["sft"][0]["correct"], r["correct"])
+                        for k in ("vrpo", "naive_dpo") for seed, r in zip(recipe.seeds, results[k])},
+      "preferences": json.loads((workdir / "preferences.stats.json").read_text()),
+      "variance_table": [{k: v for k, v in r.items()} for r in table],
+      "seconds": timings,
+  }
+  files.write_json_atomic(workdir / "results.json", summary)
+  return summary
+
+
+def bfloat16_matmul_speedup(n: int = 1024, repeats: int = 5) -> float:
+  """float32 time over bfloat16 time of an n^3 matmul on the default device: above 1, bfloat16 is faster."""
+  f32, _ = timing.time_matmul("float32", n, repeats=repeats)
+  bf16, _ = timing.time_matmul("bfloat16", n, repeats=repeats)
+  return float(np.median(f32) / np.median(bf16))
+
+
+def slow_bfloat16_warning(dtype: str, speedup: float) -> str | None:
+  """What to tell a user whose device computes the recipe's bfloat16 matmuls slower than float32."""
+  if dtype != "bfloat16" or speedup >= 1.0:
+    return None
+  return (f"bfloat16 matmuls run at {speedup:.2f}x the float32 speed here (no native bfloat16 dot products): "
+          "the recipe computes in bfloat16 (llada_jax/configs/demo_common.py), so it runs several times slower "
+          "than on CPUs with them (timings by host: docs/demo.md)")
+
+
+def format_results(summary: dict) -> str:
+  lines = ["| model | test accuracy (mean +- std over seeds) | per seed |", "| --- | --- | --- |"]
+  for name, acc in summary["test_accuracy"].items():
+    per_seed = ", ".join(f"{a:.3f}" for a in acc["per_seed"])
+    lines.append(f"| {name} | {acc['mean']:.3f} +- {acc['std']:.3f} | {per_seed} |")
+  lines += ["", "| vs SFT, same test problems | fixed | broken | p (exact McNemar) |", "| --- | --- | --- | --- |"]
+  for name, t in summary["paired_vs_sft"].items():
+    lines.append(f"| {name} | {t['fixed']} | {t['broken']} | {t['p_value']:.3g} |")
+  return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The training loop: one loop for pretraining, SFT, VRPO and naive DPO on one CPU, many devices or
+many hosts. config -> program (`training.build`) -> data -> sharded state (restored if the workdir
+has a checkpoint) -> jitted step -> checkpoints and metrics. Run again, it resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from llada_jax import configs, data as data_lib, metrics as metrics_lib, sharding
+from llada_jax.storage import checkpoint as ckpt_lib, mirrored_writer, remote
+from llada_jax.training import build as build_lib, objectives, reference_elbo
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class RunResult:
+  final_step: int
+  state: Any
+  preempted: bool
+  metrics: list
+
+
+def make_data_iterator(config, model_cfg):
+  if not config.data.train_files:
+    raise ValueError("config.data.train_files=(): expected at least one text, JSONL or ArrayRecord file")
+  if not config.data.tokenizer:
+    raise ValueError("config.data.tokenizer='': expected a sentencepiece .model, a tokenizer.json or a directory with one")
+  tokenizer = data_lib.load_tokenizer(remote.local_copy(config.data.tokenizer))
+  data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
+  for field, tok_id in (("mask_token_id", tokenizer.mask_id), ("eos_token_id", tokenizer.eos_id)):
+    if getattr(model_cfg, field) != tok_id:
+      raise ValueError(f"config.model.{field}={getattr(model_cfg, field)}: the tokenizer "
+                       f"{config.data.tokenizer} uses {tok_id}")
+  if config.data.global_batch_size % jax.process_count():
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size}: expected a multiple of "
+                     f"the {jax.process_count()} processes")
+  seed = config.seed if config.data.seed < 0 else config.data.seed
+  return data_lib.make_pipeline(
+      objectives.data_kind(config.objective), list(config.data.train_files), tokenizer, seq_len=config.data.seq_len,
+      per_process_batch_size=config.data.global_batch_size // jax.process_count(), seed=seed,
+      shuffle=config.data.shuffle, num_epochs=None if config.data.num_epochs < 0 else config.data.num_epochs,
+      chat_template=config.data.chat_template, on_too_long=config.data.on_too_long)
+
+
+def _init_step(config) -> int | None:
+  """The step of `checkpoint.init_from` to load: None for its latest."""
+  return None if config.checkpoint.init_step < 0 else config.checkpoint.init_step
+
+
+def _initial_state(config, program, manager, data_iterator, root_key):
+  """The state to start from: the workdir's latest checkpoint, else `init_from`'s weights, else random."""
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s/checkpoints step %d", config.workdir, latest)
+    return manager.restore(latest, abstract_state=program.abstract_state, data_iterator=data_iterator), latest
+  if config.checkpoint.init_from:
+    params = ckpt_lib.load_params(config.checkpoint.init_from, program.abstract_state.params, step=_init_step(config))
+    return program.create_state(root_key, params=params), None
+  return program.create_state(jax.random.fold_in(root_key, 0x1A17)), None
+
+
+def reference_table_metadata(config, objective: objectives.Objective) -> dict[str, Any]:
+  """What a run's precomputed reference ELBOs depend on, read from its config."""
+  data = {k: config.data[k] for k in ("train_files", "tokenizer", "seq_len", "global_batch_size", "shuffle",
+                                      "num_epochs", "chat_template", "on_too_long", "seed")}
+  return reference_elbo.run_metadata(
+      seed=config.seed, vrpo_config=objective.vrpo_config, reference_from=_reference_source(config),
+      reference_step=config.checkpoint.init_step, model=config.model.to_dict(), data=data)
+
+
+def reference_table_path(config) -> str:
+  return config.vrpo.get("reference_elbos_file", "") or f"{config.workdir}/{reference_elbo.DEFAULT_FILENAME}"
+
+
+def _reference_source(config) -> str:
+  return config.checkpoint.reference_from or config.checkpoint.init_from
+
+
+def _reference(config, program, root_key):
+  """(reference params, precomputed table): what the objective needs of the frozen reference."""
+  objective = program.objective
+  if not (objective.needs_reference or objective.reference_in_batch):
+    return None, None
+  source = _reference_source(config)
+  if not source:
+    raise ValueError(f"config.checkpoint.reference_from='': objective {config.objective!r} needs reference "
+                     "weights (set checkpoint.init_from or checkpoint.reference_from)")
+  shardings = program.state_shardings.params
+
+  def load():
+    return ckpt_lib.load_params(source, program.abstract_state.params, step=_init_step(config))
+
+  if objective.needs_reference:
+    return load(), None
+  table = reference_elbo.load_or_compute(  # the step never sees the reference weights
+      reference_table_path(config), reference_table_metadata(config, objective), objective.loss_fn,
+      total_steps=config.total_steps, root_key=root_key, batch_sharding=program.batch_sharding,
+      reference_shardings=shardings, micro_batches=program.grad_accum_steps, rules=program.rules,
+      make_batches=lambda: make_data_iterator(config, program.model_cfg), load_reference=load)
+  return None, table
+
+
+def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: int | None = None,
+        final_save: bool = True) -> RunResult:
+  """Trains until config.total_steps; resumable.
+
+  `stop_after` ends this call after that many steps and `final_save=False` skips the closing
+  checkpoint: together they stand in for a run killed right after an interval checkpoint.
+  """
+  configs.validate(config)
+  sharding.maybe_initialize_distributed(config.distributed)  # before anything asks JAX for devices
+  program = build_lib.build(config)
+  if data_iterator is None:
+    data_iterator = make_data_iterator(config, program.model_cfg)
+  manager = ckpt_lib.CheckpointManager(
+      f"{config.workdir}/checkpoints", save_interval_steps=config.checkpoint.every_steps,
+      max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save,
+      metadata={"config": config.to_dict()})
+  root_key = jax.random.key(config.seed)
+  state, latest = _initial_state(config, program, manager, data_iterator, root_key)
+  reference_params, reference_table = _reference(config, program, root_key)
+
+  writer = mirrored_writer.metric_writer(config.workdir)
+  if latest is None:
+    writer.write_config(config.to_dict())
+  start = int(jax.device_get(state.step))
+  end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
+  watcher = ckpt_lib.PreemptionWatcher()
+  progress = _progress_bar(config, start, end)
+  log = _MetricLog(writer, program, start)
+  preempted = False
+  try:
+    for step in range(start, end):
+      try:
+        local = next(data_iterator)
+      except StopIteration:
+        logging.info("Data exhausted at step %d", step)
+        break
+      if reference_table is not None:
+        local = reference_table.attach(local, step)
+      batch = sharding.global_batch(local, program.batch_sharding)
+      state, step_metrics = program.step(state, batch, root_key, reference_params)
+      done = step + 1
+      log.add(done, step_metrics)  # fetched at log time: no device sync per step
+      manager.save(done, state, data_iterator=data_iterator)
+      if progress is not None:
+        progress.update(1)
+      if done % config.logging.every_steps == 0 or done == end:
+        rows = log.flush(done, step_metrics)
+        _check_nonfinite(state, config, done, manager)
+        if progress is not None and rows:
+          progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+      if watcher.should_stop(done):
+        logging.warning("Preemption signal: saving step %d and stopping", done)
+        manager.save(done, state, data_iterator=data_iterator, force=True)
+        preempted = True
+        break
+    final = int(jax.device_get(state.step))
+    if final_save or preempted:
+      manager.save(final, state, data_iterator=data_iterator, force=True)
+    log.flush(None, None)
+  finally:
+    watcher.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  return RunResult(final_step=final, state=state, preempted=preempted, metrics=log.history)
+
+
+class _MetricLog:
+  """Step metrics held on device until a log step, then fetched at once and written."""
+
+  def __init__(self, writer, program: build_lib.TrainProgram, start: int):
+    self.writer, self.history, self.pending = writer, [], []
+    self.flops, self.tokens = program.flops_per_step, program.tokens_per_step
+    self.peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, program.model_cfg.dtype)
+    self.t_last, self.step_last = time.perf_counter(), start
+
+  def add(self, step: int, step_metrics) -> None:
+    self.pending.append((step, step_metrics))
+
+  def flush(self, step: int | None, step_metrics) -> list:
+    """Writes what is pending; with `step`, throughput over the steps since the last flush."""
+    steps, seconds = 0, 0.0
+    if step is not None:
+      jax.block_until_ready(step_metrics)  # steps run asynchronously: time them when finished
+      now = time.perf_counter()
+      steps, seconds = step - self.step_last, now - self.t_last
+      self.t_last, self.step_last = now, step
+    rows = _flush_metrics(self.pending, self.writer, steps=steps, seconds=seconds, flops=self.flops,
+                          tokens=self.tokens, peak=self.peak)
+    self.pending = []
+    self.history.extend(rows)
+    return rows
+
+
+def _progress_bar(config, start, end):
+  if not config.logging.progress_bar or jax.process_index() != 0:
+    return None
+  try:
+    import tqdm  # noqa: PLC0415
+  except ImportError:
+    return None
+  return tqdm.tqdm(total=end - start, initial=0, desc=config.objective, dynamic_ncols=True)
+
+
+def _flush_metrics(pending, writer, *, steps, seconds, flops, tokens, peak):
+  """One device_get for everything since the last log; throughput over the interval."""
+  if not pending:
+    return []
+  fetched = jax.device_get([m for _, m in pending])
+  rows = []
+  for (step, _), values in zip(pending, fetched):
+    row = {k: float(np.asarray(v)) for k, v in values.items()}
+    row["step"] = step
+    rows.append(row)
+  if steps and seconds > 0:
+    rows[-1].update(metrics_lib.throughput(steps=steps, wall_time_s=seconds, tokens_per_step=tokens,
+                                           flops_per_step=flops, n_devices=jax.device_count(),
+                                           peak_flops_per_device=peak))
+  for row in rows:
+    writer.write_scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
+  last = rows[-1]
+  logging.info("step %d: %s", last["step"], json.dumps({k: round(v, 6) for k, v in last.items() if k != "step" and v is not None}))
+  return rows
+
+
+def _check_nonfinite(state, config, step, manager):
+  worst = int(jax.device_get(state.max_nonfinite_in_a_row))
+  if worst >= config.max_nonfinite_in_a_row:
+    manager.wait_until_finished()
+    raise TrainingError(
+        f"step {step}: {worst} updates in a row had a non-finite loss or gradient and were skipped "
+        f"(config.max_nonfinite_in_a_row={config.max_nonfinite_in_a_row}); the parameters are those of the last "
+        f"good step. Lower config.optimizer.lr, check the data, or raise the limit.")
