@@ -71,7 +71,8 @@ done
 require_flags PROJECT ZONE NAME CONFIG WORKDIR
 ((REUSE)) || [[ -n $ACCELERATOR_TYPE ]] || die "--accelerator-type is required to create a TPU VM (or pass --reuse)"
 [[ $WORKDIR == gs://* ]] || die "--workdir=$WORKDIR: expected a gs:// path that every worker can reach"
-[[ -f $REPO_DIR/${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*} in $REPO_DIR"
+recipe=${CONFIG%%:*}  # a file in the checkout, or a shipped recipe's name (llada_jax/configs/NAME.py)
+[[ -f $REPO_DIR/$recipe || -f $REPO_DIR/llada_jax/configs/${recipe%.py}.py ]] || die "--config=$CONFIG: neither a file nor a shipped recipe in $REPO_DIR"
 
 if [[ -z $RUNTIME_VERSION ]]; then
   case "$ACCELERATOR_TYPE" in

@@ -61,7 +61,8 @@ done
 require_flags PROJECT ZONE CLUSTER TPU_TYPE WORKLOAD CONFIG WORKDIR
 [[ $NUM_SLICES =~ ^[1-9][0-9]*$ ]] || die "--num-slices=$NUM_SLICES: expected a positive integer"
 [[ $WORKDIR == gs://* ]] || die "--workdir=$WORKDIR: expected a gs:// path that every pod can reach"
-[[ -f $REPO_DIR/${CONFIG%%:*} ]] || die "--config=$CONFIG: no file ${CONFIG%%:*} in $REPO_DIR"
+recipe=${CONFIG%%:*}  # a file in the checkout, or a shipped recipe's name (llada_jax/configs/NAME.py)
+[[ -f $REPO_DIR/$recipe || -f $REPO_DIR/llada_jax/configs/${recipe%.py}.py ]] || die "--config=$CONFIG: neither a file nor a shipped recipe in $REPO_DIR"
 
 WHERE=(--project="$PROJECT" --zone="$ZONE")
 

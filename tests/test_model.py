@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
-import pathlib
 
 import chex
 import flax.linen as nn
@@ -22,18 +20,15 @@ import pytest
 from llada_jax import model
 from llada_jax.model import ModelConfig
 
-_CONFIGS_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models.py"
-
 # Std of a standard normal truncated at +-3 sigma: sqrt(1 - 2*3*phi(3) / (2*Phi(3) - 1)).
 _TRUNC_FACTOR = math.sqrt(
     1.0 - 6.0 * math.exp(-4.5) / math.sqrt(2 * math.pi) / math.erf(3.0 / math.sqrt(2.0)))
 
 
 def _presets():
-  spec = importlib.util.spec_from_file_location("_llada_test_model_presets", _CONFIGS_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from llada_jax.configs import models  # noqa: PLC0415
+
+  return models
 
 
 def preset(name: str) -> ModelConfig:

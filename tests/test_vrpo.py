@@ -10,9 +10,7 @@ mask sampling dominates the run time of this file on CPU.
 
 import dataclasses
 import functools
-import importlib.util
 import math
-import pathlib
 
 import chex
 import jax
@@ -25,17 +23,14 @@ from llada_jax import diffusion
 from llada_jax import model as M
 from llada_jax import vrpo as V
 
-_MODELS_PY = pathlib.Path(__file__).resolve().parent.parent / "configs" / "models.py"
-
 B, L = 6, 12  # the shared preference batch: 6 pairs, 12 tokens
 BETA = 0.2
 
 
 def _tiny_config() -> M.ModelConfig:
-  spec = importlib.util.spec_from_file_location("_test_vrpo_model_presets", _MODELS_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return M.ModelConfig.from_dict(dict(module.get_config("tiny")))
+  from llada_jax.configs import models  # noqa: PLC0415
+
+  return M.ModelConfig.from_dict(dict(models.get_config("tiny")))
 
 
 CFG = _tiny_config()
