@@ -6,18 +6,22 @@ Library modules never import this one; the tools (`train`, `plan`, `generate`, .
 
 from __future__ import annotations
 
+import difflib
 import sys
 import textwrap
 from typing import Callable, Sequence
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from llada_jax import configs
 from llada_jax.data.errors import DataError
+from llada_jax.storage.lock import LockedError
 
-# Mistakes in a user's input or flags: reported in one line, exit status 1, no traceback.
-USER_ERRORS = (DataError, ValueError, FileNotFoundError, NotImplementedError)
+# Mistakes in a user's input or flags, and what the machine refused (a path that is not writable, a
+# directory another run holds): reported in one line, exit status 1, no traceback.
+USER_ERRORS = (DataError, ValueError, OSError, NotImplementedError, LockedError)
 
 
 def fail(error: Exception) -> int:
@@ -26,22 +30,21 @@ def fail(error: Exception) -> int:
 
 
 class _RecipeParser(flags.ArgumentParser):
-  """`--config=` as a shipped recipe's name or package path as well as a user's file: the name is
-  resolved to the file, which ml_collections' own parser then loads."""
-
-  def __init__(self, file_parser: flags.ArgumentParser):
-    self.file_parser = file_parser
+  """`--config=` as a shipped recipe's name or package path as well as a user's file
+  (`configs.load`); the config comes back locked, so a mistyped field is an error."""
 
   def parse(self, argument):
-    spec, sep, arg = argument.partition(":")
     try:
-      resolved = configs.resolve_path(spec)
+      config = configs.load(argument)
     except FileNotFoundError as e:
       raise ValueError(str(e)) from None  # absl reports a flag's ValueError in one line
-    return self.file_parser.parse(f"{resolved}{sep}{arg}")
+    except Exception as e:  # noqa: BLE001 - whatever the recipe's get_config raised, in one line
+      raise ValueError(f"{type(e).__name__}: {e}") from None
+    config.lock()
+    return config
 
   def flag_type(self):
-    return self.file_parser.flag_type()
+    return "config object"
 
 
 def define_config_flag(name: str = "config", help_string: str | None = None) -> flags.FlagHolder:
@@ -49,9 +52,45 @@ def define_config_flag(name: str = "config", help_string: str | None = None) -> 
   holder = config_flags.DEFINE_config_file(
       name, None, help_string or f"A recipe: a shipped name ({', '.join(configs.recipe_names())}) or a "
       "config file, with an optional :arg.", lock_config=True)
-  flag = flags.FLAGS[name]
-  flag.parser = _RecipeParser(flag.parser)
+  flags.FLAGS[name].parser = _RecipeParser()
   return holder
+
+
+def _override_error(argv: Sequence[str], error: Exception) -> str:
+  """What was wrong with a `--config.FIELD=value` override: the first path the config lacks, with
+  the closest field name, or the error of the value that did not parse."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  try:
+    config = configs.load(spec) if spec else None
+  except Exception:  # noqa: BLE001 - the --config value itself is reported by absl
+    config = None
+  for arg in overrides if config is not None else ():
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, parents = config, []
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(part, fields, n=1)
+        where = "config" + "".join(f".{p}" for p in parents)
+        hint = f"; did you mean --{where}.{close[0]}?" if close else ""
+        return f"--config.{path}: {where} has no field {part!r}{hint}"
+      node, parents = node[part], parents + [part]
+  culprit = overrides[-1] if len(overrides) == 1 else "--config.*"
+  return f"{culprit}: {type(error).__name__}: {error}"
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing for `app.run(main, flags_parser=cli.parse_flags)`: a bad flag, recipe or
+  config override is one line and exit status 1, never a traceback."""
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by ml_collections for overrides
+    message = _override_error(argv, e)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
 
 
 HELP_ARGS = ("-h", "-?", "-help", "--help", "--helpshort", "--helpfull")

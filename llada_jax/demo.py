@@ -12,7 +12,7 @@ import dataclasses
 import jax
 from absl import app, flags, logging
 
-from llada_jax import configs
+from llada_jax import cli, configs
 from llada_jax.recipes import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -169,7 +169,8 @@ def make_schedule(cfg) -> optax.Schedule:
   kind = _get(cfg, "schedule")
   if kind not in SCHEDULES:
     _fail("schedule", kind, f"one of {SCHEDULES}")
-  lr = _number(cfg, "lr", low=0, low_open=True)
+  # Above 1 an AdamW step moves every weight by more than its typical size: a typo, not a schedule.
+  lr = _number(cfg, "lr", low=0, low_open=True, high=1)
   warmup = _int(cfg, "warmup_steps", low=0, default=0)
 
   if kind == "constant":

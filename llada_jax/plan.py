@@ -87,7 +87,7 @@ def _cli() -> None:
       files.write_json_atomic(FLAGS.out, plan)
     return 0
 
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

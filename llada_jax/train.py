@@ -16,19 +16,19 @@ _CONFIG = cli.define_config_flag()
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    return cli.fail(ValueError(f"unexpected arguments {argv[1:]}: flags only (--config=RECIPE --config.FIELD=VALUE)"))
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config=RECIPE is required")
+    return cli.fail(ValueError("--config=RECIPE is required (a shipped recipe's name or a config file)"))
   from llada_jax.training import loop  # noqa: PLC0415 - keeps `--help` fast
 
   try:
     result = loop.run(config)
-  except cli.USER_ERRORS as e:
+  except (*cli.USER_ERRORS, loop.TrainingError) as e:
     return cli.fail(e)
   logging.info("Finished at step %d%s", result.final_step, " (preempted)" if result.preempted else "")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

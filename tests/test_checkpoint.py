@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from llada_jax.storage import checkpoint
+from llada_jax.training import preemption
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -296,7 +297,7 @@ def test_leftover_temporary_checkpoint_is_ignored(tmp_path):
 
 def test_watcher_flag_and_handler_restored():
   previous = signal.getsignal(signal.SIGTERM)
-  with checkpoint.PreemptionWatcher() as watcher:
+  with preemption.PreemptionWatcher() as watcher:
     assert signal.getsignal(signal.SIGTERM) != previous
     assert not watcher.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -311,11 +312,11 @@ def test_watcher_flag_and_handler_restored():
 
 def test_watcher_multiprocess_without_preemption_service(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(checkpoint, "_preemption_sync_manager", lambda: None)
+  monkeypatch.setattr(preemption, "_preemption_sync_manager", lambda: None)
   calls = []
   # Another process got the signal: the all-gathered flag is set even though ours is not.
-  monkeypatch.setattr(checkpoint, "_any_process", lambda flag: calls.append(flag) or True)
-  with checkpoint.PreemptionWatcher(check_every=4) as watcher:
+  monkeypatch.setattr(preemption, "_any_process", lambda flag: calls.append(flag) or True)
+  with preemption.PreemptionWatcher(check_every=4) as watcher:
     assert not watcher.should_stop(1)  # not a check step: no collective
     assert not watcher.should_stop(3)
     assert calls == []
@@ -326,10 +327,10 @@ def test_watcher_multiprocess_without_preemption_service(monkeypatch):
 def test_watcher_multiprocess_uses_jax_preemption_sync(monkeypatch):
   from jax.experimental import multihost_utils
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(checkpoint, "_preemption_sync_manager", lambda: object())
+  monkeypatch.setattr(preemption, "_preemption_sync_manager", lambda: object())
   monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 5)
   previous = signal.getsignal(signal.SIGTERM)
-  with checkpoint.PreemptionWatcher() as watcher:
+  with preemption.PreemptionWatcher() as watcher:
     assert signal.getsignal(signal.SIGTERM) == previous  # JAX owns SIGTERM here
     assert [watcher.should_stop(s) for s in range(3, 8)] == [False, False, True, True, True]
 
@@ -338,11 +339,12 @@ SIGTERM_LOOP = """
 import pathlib, sys, time
 import jax.numpy as jnp
 from llada_jax.storage import checkpoint
+from llada_jax.training import preemption
 
 directory, ready = sys.argv[1], pathlib.Path(sys.argv[2])
 state = {"step": jnp.asarray(0), "params": {"w": jnp.zeros((8,))}}
 mngr = checkpoint.CheckpointManager(directory, save_interval_steps=10**6, max_to_keep=2)
-with checkpoint.PreemptionWatcher() as watcher:
+with preemption.PreemptionWatcher() as watcher:
   for step in range(1, 100_000):
     state = {"step": jnp.asarray(step), "params": {"w": state["params"]["w"] + 1}}
     mngr.save(step, state)
@@ -395,6 +397,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from llada_jax.storage import checkpoint
+from llada_jax.training import preemption
 
 assert jax.device_count() == 8, jax.devices()
 directory = sys.argv[1]
@@ -457,11 +460,12 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=proc
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from llada_jax.storage import checkpoint
+from llada_jax.training import preemption
 
 mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
 sharding = NamedSharding(mesh, P("data"))
 mngr = checkpoint.CheckpointManager(directory, save_interval_steps=10**6)
-with checkpoint.PreemptionWatcher() as watcher:
+with preemption.PreemptionWatcher() as watcher:
   for step in range(1, 100_000):
     w = jax.make_array_from_callback((4,), sharding, lambda i: np.full((4,), step, np.float32)[i])
     pathlib.Path(f"{directory}.ready{process_id}").touch()

@@ -43,8 +43,8 @@ def resolve_path(spec: str) -> pathlib.Path:
   inside = len(path.parts) == 1 or path.parent.name == "configs"
   if inside and name not in _NOT_RECIPES and shipped.is_file():
     return shipped
-  raise FileNotFoundError(f"--config={spec}: no such file, and no shipped recipe of that name; expected a "
-                          f"config file or one of {', '.join(recipe_names())}")
+  raise FileNotFoundError(f"no config file and no shipped recipe named {spec!r}; expected a config file or one of "
+                          f"{', '.join(recipe_names())}")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

@@ -12,8 +12,13 @@ import ml_collections
 
 from llada_jax import optim, sharding
 from llada_jax.configs import models
+from llada_jax.data.sources import ON_TOO_LONG
+from llada_jax.diffusion import ESTIMATORS as ELBO_ESTIMATORS
 
 OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
+# What a resume does when the latest checkpoint fails its integrity check (storage.checkpoint):
+# "previous" moves it aside and resumes from the newest intact step; "error" stops the run.
+ON_DAMAGED = ("previous", "error")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.init_from = ""  # a run's checkpoint dir: initial policy weights (params only)
   c.checkpoint.init_step = -1  # -1: its latest step
   c.checkpoint.reference_from = ""  # VRPO reference weights; "" = the same as init_from
+  c.checkpoint.on_damaged = "previous"  # one of ON_DAMAGED
+  # A resume with another objective, model architecture or data shape than the checkpoint's is
+  # refused unless this is True (docs/usage.md, "Resuming").
+  c.checkpoint.allow_config_change = False
 
   c.logging = ml_collections.ConfigDict()
   c.logging.every_steps = 10
@@ -96,15 +105,44 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("objective", f"one of {OBJECTIVES}")
   if config.total_steps < 1:
     fail("total_steps", "a positive integer")
+  if config.max_nonfinite_in_a_row < 1:
+    fail("max_nonfinite_in_a_row", "a positive integer (skipped updates in a row before the run stops)")
   if config.grad_accum_steps < 1:
     fail("grad_accum_steps", "a positive integer")
+  if config.data.global_batch_size < 1:
+    fail("data.global_batch_size", "a positive number of rows (pairs for preference objectives) per step")
   if config.data.global_batch_size % config.grad_accum_steps:
     fail("data.global_batch_size", f"a multiple of grad_accum_steps={config.grad_accum_steps}")
   if config.data.seq_len < 2:
     fail("data.seq_len", "at least 2")
+  if config.data.on_too_long not in ON_TOO_LONG:
+    fail("data.on_too_long", f"one of {ON_TOO_LONG}")
+  if not 0 < config.diffusion.eps < 1:
+    fail("diffusion.eps", "a number in (0, 1): the smallest masking probability")
+  for field in ("random_length_prob", "prompt_drop_prob"):
+    if not 0 <= config.diffusion[field] <= 1:
+      fail(f"diffusion.{field}", "a probability in [0, 1]")
+  _validate_vrpo(config, fail)
   if config.checkpoint.every_steps < 1:
     fail("checkpoint.every_steps", "a positive integer")
+  if config.checkpoint.max_to_keep is not None and config.checkpoint.max_to_keep < 1:
+    fail("checkpoint.max_to_keep", "a positive integer")
+  if config.checkpoint.on_damaged not in ON_DAMAGED:
+    fail("checkpoint.on_damaged", f"one of {ON_DAMAGED}")
   if config.logging.every_steps < 1:
     fail("logging.every_steps", "a positive integer")
   if config.distributed.initialize not in sharding.DISTRIBUTED_MODES:
     fail("distributed.initialize", f"one of {sharding.DISTRIBUTED_MODES}")
+
+
+def _validate_vrpo(config, fail) -> None:
+  v = config.vrpo
+  if not v.beta > 0:
+    fail("vrpo.beta", "a positive number (the DPO temperature)")
+  for field in ("n_timesteps", "masks_per_timestep"):
+    if v[field] < 1:
+      fail(f"vrpo.{field}", "a positive integer")
+  if v.sft_weight < 0:
+    fail("vrpo.sft_weight", "a number >= 0")
+  if v.estimator not in ELBO_ESTIMATORS:
+    fail("vrpo.estimator", f"one of {ELBO_ESTIMATORS}")

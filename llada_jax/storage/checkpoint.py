@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from llada_jax.storage import remote
+from llada_jax.storage import integrity, remote
+from llada_jax.storage.integrity import DamagedCheckpointError
 
 try:
   import grain
@@ -36,7 +37,7 @@ except (ImportError, AttributeError):  # Grain is only needed when a data iterat
 
 __all__ = [
     "CheckpointManager",
-    "PreemptionWatcher",
+    "DamagedCheckpointError",
     "load_params",
     "abstract_like",
 ]
@@ -44,6 +45,7 @@ __all__ = [
 STATE = "state"
 DATA = "data"
 RUN_METADATA = "run_metadata"
+FINGERPRINTS = "fingerprints"  # a run_metadata field: integrity.fingerprints of the saved state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +110,20 @@ def _first_mismatch(expected: Mapping, found: Mapping) -> str | None:
 
 def _stored_tree(item_metadata) -> Any:
   return getattr(item_metadata, "tree", item_metadata)
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """An error from the storage layers in one line (TensorStore's carry whole specs)."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _stored_item(manager: ocp.CheckpointManager, step: int, where: str) -> Any:
+  """The stored tree structure of a step's train state; unreadable metadata means a damaged step."""
+  try:
+    return _stored_tree(manager.item_metadata(step)[STATE])
+  except Exception as e:  # noqa: BLE001 - any failure to read it is damage to the step
+    raise DamagedCheckpointError(f"{where}: its train-state metadata cannot be read: {_first_line(e)}") from e
 
 
 def _with_shardings(abstract_tree, what: str):
@@ -175,6 +191,21 @@ def _absolute(directory: epath.PathLike) -> epath.Path:
   return epath.Path(text if remote.is_remote(text) else os.path.abspath(text))
 
 
+def _check_writable(directory: epath.Path) -> None:
+  """Fails at once, naming the directory, where a save could not write (read-only, full, gone);
+  Orbax would otherwise retry in the background and time out with a message that says neither."""
+  if remote.is_remote(os.fspath(directory)):
+    return
+  probe = os.path.join(os.fspath(directory), f".write_probe.{os.getpid()}")
+  try:
+    os.makedirs(os.fspath(directory), exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"0")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot write checkpoints to {directory}: {e.strerror}") from None
+
+
 class CheckpointManager:
   """Saves and restores the train state, the data-iterator position and run metadata.
 
@@ -212,6 +243,7 @@ class CheckpointManager:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False)
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
       return
+    _check_writable(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
@@ -265,9 +297,12 @@ class CheckpointManager:
       return False
     if not force and not self._manager.should_save(step):
       return False
+    _check_writable(self.directory)
+    # Saved with the state in one atomic commit, so a restore can tell intact arrays from damaged ones.
+    sums = {FINGERPRINTS: integrity.fingerprints(state)}
     items = {
         STATE: ocp.args.StandardSave(state),
-        RUN_METADATA: ocp.args.JsonSave({**self._metadata, **_to_json_dict(metadata or {})}),
+        RUN_METADATA: ocp.args.JsonSave({**self._metadata, **_to_json_dict(metadata or {}), **sums}),
     }
     if data_iterator is not None:
       # Grain's handler is synchronous: the position is written before `save` returns, so it is
@@ -310,13 +345,16 @@ class CheckpointManager:
     step = self.resolve_step(step)
     where = f"checkpoint step {step} in {self.directory}"
     target = _with_shardings(abstract_state, f"Restoring {where}")
-    stored = _stored_tree(self._manager.item_metadata(step)[STATE])
+    for item in (STATE, RUN_METADATA):
+      if not (self._step_dir(step) / item).exists():
+        raise DamagedCheckpointError(f"{where} has no {item.replace('_', ' ')}")
+    stored = _stored_item(self._manager, step, where)
     if stored is None:
-      raise ValueError(f"{where} has no train state.")
+      raise DamagedCheckpointError(f"{where} has no train state")
     mismatch = _first_mismatch(_flatten_expected(target), _flatten_stored(stored))
     if mismatch:
       raise ValueError(f"The train state in {where} does not match the expected tree: {mismatch}.")
-    items = {STATE: ocp.args.StandardRestore(target)}
+    items = {STATE: ocp.args.StandardRestore(target), RUN_METADATA: ocp.args.JsonRestore()}
     if data_iterator is not None:
       if not (self._step_dir(step) / DATA).exists():
         raise ValueError(f"{where} has no data-iterator state (it was saved without one).")
@@ -324,19 +362,38 @@ class CheckpointManager:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise ValueError(f"Could not restore {where}: {e}") from e
+      raise DamagedCheckpointError(f"Could not restore {where}: {_first_line(e)}") from e
+    integrity.check(restored[STATE], dict(restored[RUN_METADATA] or {}).get(FINGERPRINTS), where)
     logging.info("Restored %s", where)
     return restored[STATE]
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves a damaged step out of the checkpoint directory (to `<directory>.damaged/<step>`), so
+    the run resumes from the step before and saves this step again; nothing is deleted."""
+    source = self._step_dir(step)
+    target = self.directory.parent / f"{self.directory.name}.damaged" / f"{source.name}.{os.getpid()}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      multihost_utils.sync_global_devices(f"llada_jax set aside step {step}")
+    self._manager.reload()
+    return target
 
   def read_metadata(self, step: int | None = None) -> dict[str, Any]:
     """The run metadata stored with the checkpoint at `step` (default: the latest)."""
     self._manager.wait_until_finished()
     step = self.resolve_step(step)
     if not (self._step_dir(step) / RUN_METADATA).exists():
-      raise ValueError(f"Checkpoint step {step} in {self.directory} has no run metadata.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{RUN_METADATA: ocp.args.JsonRestore()}))
-    return dict(restored[RUN_METADATA])
+      raise DamagedCheckpointError(f"Checkpoint step {step} in {self.directory} has no run metadata.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{RUN_METADATA: ocp.args.JsonRestore()}))
+    except Exception as e:
+      raise DamagedCheckpointError(
+          f"Could not read the run metadata of step {step} in {self.directory}: {_first_line(e)}") from e
+    return {k: v for k, v in dict(restored[RUN_METADATA]).items() if k != FINGERPRINTS}
 
   def _step_dir(self, step: int) -> epath.Path:
     return ocp.step.build_step_path(self.directory, ocp.step.standard_name_format(), step)
@@ -391,7 +448,7 @@ def load_params(
     step = resolve_step(manager, step, directory, "to load parameters from")
     where = f"checkpoint step {step} in {directory}"
 
-    node = _stored_tree(manager.item_metadata(step)[STATE])
+    node = _stored_item(manager, step, where)
     for depth, key in enumerate(params_path):
       if not isinstance(node, Mapping) or key not in node:
         keys = sorted(node) if isinstance(node, Mapping) else type(node).__name__
@@ -416,14 +473,18 @@ def load_params(
         sub = sub.setdefault(k, {})
       sub[keys[-1]] = leaf
     restore_args = ocp.checkpoint_utils.construct_restore_args(flat_target)
+    items = {STATE: ocp.args.PyTreeRestore(flat_target, restore_args=restore_args, partial_restore=True)}
+    has_metadata = (ocp.step.build_step_path(directory, ocp.step.standard_name_format(), step) / RUN_METADATA).exists()
+    if has_metadata:
+      items[RUN_METADATA] = ocp.args.JsonRestore()
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**{
-          STATE: ocp.args.PyTreeRestore(flat_target, restore_args=restore_args,
-                                        partial_restore=True)}))[STATE]
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise ValueError(f"Could not load parameters from {where}: {e}") from e
+      raise DamagedCheckpointError(f"Could not load parameters from {where}: {_first_line(e)}") from e
   finally:
     manager.close()
+  saved = dict(restored[RUN_METADATA] or {}).get(FINGERPRINTS) if has_metadata else None
+  restored = restored[STATE]
 
   def pick(path, _):
     node = restored
@@ -432,99 +493,9 @@ def load_params(
     return node
 
   params = jax.tree_util.tree_map_with_path(pick, target)
+  integrity.check(params, saved, where, prefix="".join(f"{k}." for k in params_path))
   logging.info("Loaded parameters from %s", where)
   return params
-
-
-# ---------------------------------------------------------------------------------------------
-# Preemption
-
-
-def _preemption_sync_manager():
-  """JAX's preemption sync manager, present after `jax.distributed.initialize` (by default)."""
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  state = distributed.global_state
-  if getattr(state, "client", None) is None:
-    return None
-  return getattr(state, "preemption_sync_manager", None)
-
-
-class PreemptionWatcher:
-  """Tells the training loop when to save and stop because the job is being preempted.
-
-  Call `should_stop(step)` every step on every process; once it returns True, save with
-  `force=True` and exit. It stays True afterwards.
-
-  - One process: a handler for `signals` (SIGTERM by default) sets a flag; `should_stop` returns
-    it. The previous handlers come back on `close`.
-  - Several processes with JAX's preemption service (the default after
-    `jax.distributed.initialize`): JAX already traps SIGTERM and agrees on a step at which every
-    process stops; `should_stop` asks it (`multihost_utils.reached_preemption_sync_point`).
-    No Python handler is installed, since it would replace JAX's.
-  - Several processes without that service: the local flag is combined across processes every
-    `check_every` steps (a small host all-gather, so not every step on large jobs).
-  """
-
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), *, check_every: int = 1):
-    if check_every < 1:
-      raise ValueError(f"check_every must be >= 1, got {check_every}.")
-    self._signals = tuple(signals)
-    self._check_every = check_every
-    self._requested = threading.Event()
-    self._stopped = False
-    self._previous: dict[int, Any] = {}
-    self._sync_manager = _preemption_sync_manager() if jax.process_count() > 1 else None
-    if self._sync_manager is None:
-      if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("PreemptionWatcher must be created in the main thread "
-                           "(Python only runs signal handlers there).")
-      for sig in self._signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: will save a checkpoint and stop.", signum)
-    self._requested.set()
-
-  @property
-  def requested(self) -> bool:
-    """Whether this process received a preemption signal (not agreed across processes)."""
-    return self._requested.is_set()
-
-  def should_stop(self, step: int) -> bool:
-    if self._stopped:
-      return True
-    if self._sync_manager is not None:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      self._stopped = bool(multihost_utils.reached_preemption_sync_point(int(step)))
-    elif jax.process_count() == 1:
-      self._stopped = self._requested.is_set()
-    elif int(step) % self._check_every == 0:
-      self._stopped = _any_process(self._requested.is_set())
-    if self._stopped:
-      logging.warning("Preemption: stopping at step %d.", step)
-    return self._stopped
-
-  def close(self) -> None:
-    for sig, previous in self._previous.items():
-      # None means the previous handler was not installed from Python; SIG_DFL is the closest.
-      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-    self._previous.clear()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-
-def _any_process(flag: bool) -> bool:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.asarray(flag, dtype=np.int32))
-  return bool(np.any(flags))
 
 
 # ---------------------------------------------------------------------------------------------

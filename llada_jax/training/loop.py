@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -16,8 +17,8 @@ import numpy as np
 from absl import logging
 
 from llada_jax import configs, data as data_lib, metrics as metrics_lib, sharding
-from llada_jax.storage import checkpoint as ckpt_lib, mirrored_writer, remote
-from llada_jax.training import build as build_lib, objectives, reference_elbo
+from llada_jax.storage import checkpoint as ckpt_lib, lock as lock_lib, mirrored_writer, remote
+from llada_jax.training import build as build_lib, objectives, preemption, reference_elbo
 
 
 class TrainingError(RuntimeError):
@@ -60,15 +61,63 @@ def _init_step(config) -> int | None:
 
 
 def _initial_state(config, program, manager, data_iterator, root_key):
-  """The state to start from: the workdir's latest checkpoint, else `init_from`'s weights, else random."""
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("Resuming from %s/checkpoints step %d", config.workdir, latest)
-    return manager.restore(latest, abstract_state=program.abstract_state, data_iterator=data_iterator), latest
+  """The state to start from: the workdir's newest intact checkpoint, else `init_from`'s weights,
+  else random."""
+  resumed = _resume(config, program, manager, data_iterator)
+  if resumed is not None:
+    return resumed
   if config.checkpoint.init_from:
     params = ckpt_lib.load_params(config.checkpoint.init_from, program.abstract_state.params, step=_init_step(config))
     return program.create_state(root_key, params=params), None
   return program.create_state(jax.random.fold_in(root_key, 0x1A17)), None
+
+
+def _resume(config, program, manager, data_iterator):
+  """(state, step) from the newest intact checkpoint, or None when the workdir has none. A damaged
+  step is moved aside and the one before tried (`checkpoint.on_damaged="previous"`) or the run
+  stops (`"error"`); nothing is deleted."""
+  while (latest := manager.latest_step()) is not None:
+    try:
+      check_same_run(config, manager.read_metadata(latest).get("config") or {}, f"{manager.directory} step {latest}")
+      state = manager.restore(latest, abstract_state=program.abstract_state, data_iterator=data_iterator)
+    except ckpt_lib.DamagedCheckpointError as e:
+      if config.checkpoint.on_damaged == "error":
+        raise ValueError(f"{e} (config.checkpoint.on_damaged='error'; 'previous' resumes from the step before)") from e
+      moved = manager.set_aside(latest)
+      logging.warning("%s: moved it to %s and resuming from the step before", e, moved)
+      continue
+    logging.info("Resuming from %s step %d", manager.directory, latest)
+    return state, latest
+  return None
+
+
+# Model fields that change numerics or speed, not what the saved arrays are: a resume may change them.
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl")
+
+
+def check_same_run(config, saved: dict, where: str) -> None:
+  """Refuses to continue a checkpoint with another objective, model architecture or data shape
+  than it was trained with, unless `checkpoint.allow_config_change`; names every difference."""
+  current = json.loads(json.dumps(config.to_dict(), default=list))
+  if not saved:
+    return
+  changed = []
+  if saved.get("objective") != current["objective"]:
+    changed.append(f"objective {saved.get('objective')!r} -> {current['objective']!r}")
+  for field, value in current["model"].items():
+    if field not in _RESUMABLE_MODEL_FIELDS and saved.get("model", {}).get(field, value) != value:
+      changed.append(f"model.{field} {saved['model'][field]!r} -> {value!r}")
+  for field in ("seq_len", "global_batch_size"):
+    old = saved.get("data", {}).get(field, current["data"][field])
+    if old != current["data"][field]:
+      changed.append(f"data.{field} {old!r} -> {current['data'][field]!r}")
+  if not changed:
+    return
+  if config.checkpoint.allow_config_change:
+    logging.warning("Resuming %s with a changed config: %s", where, "; ".join(changed))
+    return
+  raise ValueError(f"config: {'; '.join(changed)}: expected the config the checkpoint {where} was trained with "
+                   "(set config.checkpoint.allow_config_change=True to continue it anyway, or use a new workdir)")
 
 
 def reference_table_metadata(config, objective: objectives.Objective) -> dict[str, Any]:
@@ -114,13 +163,35 @@ def _reference(config, program, root_key):
 
 def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: int | None = None,
         final_save: bool = True) -> RunResult:
-  """Trains until config.total_steps; resumable.
+  """Trains until config.total_steps; resumable. The workdir is locked for the run: a second run
+  in it is refused (`storage.lock`).
 
   `stop_after` ends this call after that many steps and `final_save=False` skips the closing
   checkpoint: together they stand in for a run killed right after an interval checkpoint.
   """
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)  # before anything asks JAX for devices
+  lock = lock_lib.DirectoryLock(config.workdir, "a training run") if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, data_iterator=data_iterator, stop_after=stop_after, final_save=final_save)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _check_weight_sources(config) -> None:
+  """Missing initial or reference weights are reported before anything is written."""
+  for field in ("init_from", "reference_from"):
+    path = config.checkpoint[field]
+    if path and not remote.is_remote(path) and not os.path.isdir(path):
+      raise FileNotFoundError(f"config.checkpoint.{field}={path!r}: no such directory; expected a run's "
+                              "checkpoints/ directory (or its workdir)")
+
+
+def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
+  _check_weight_sources(config)
   program = build_lib.build(config)
   if data_iterator is None:
     data_iterator = make_data_iterator(config, program.model_cfg)
@@ -137,7 +208,7 @@ def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: in
     writer.write_config(config.to_dict())
   start = int(jax.device_get(state.step))
   end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
-  watcher = ckpt_lib.PreemptionWatcher()
+  watcher = preemption.PreemptionWatcher()
   progress = _progress_bar(config, start, end)
   log = _MetricLog(writer, program, start)
   preempted = False

@@ -46,7 +46,8 @@ def _all_finite(tree) -> Array:
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1):
-  """The pure train step. Non-finite loss or gradients skip the update and are counted.
+  """The pure train step. A non-finite loss, gradient, new parameter or optimizer state skips the
+  update; skips are counted.
 
   A skipped update does not advance the optimizer's own count, so the learning-rate schedule
   moves only with applied updates; the lr reported is the one actually used.
@@ -78,18 +79,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *, g
       total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
       loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, total)
 
-    ok = jnp.isfinite(loss) & _all_finite(grads)
-
-    def apply(operands):
-      params, opt_state, grads = operands
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    def keep(operands):
-      params, opt_state, _ = operands
-      return params, opt_state
-
-    params, opt_state = jax.lax.cond(ok, apply, keep, (state.params, state.opt_state, grads))
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A finite gradient can still make a non-finite update (moments overflowing, a damaged restored
+    # state): what would be stored is checked too, so a skipped step leaves the state as it was.
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite((new_params, new_opt_state))
+    params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old),
+                                               (new_params, new_opt_state), (state.params, state.opt_state))
     in_a_row = jnp.where(ok, 0, state.nonfinite_in_a_row + 1)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, nonfinite_in_a_row=in_a_row,
