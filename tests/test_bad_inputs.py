@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -99,13 +100,16 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
-def test_train_bad_input(case, corpus, tmp_path):
+def test_train_bad_input(case, corpus, trained, tmp_path):
   _, extra, pattern = case
-  config_file = _user_config(tmp_path / "cfg.py", corpus, tmp_path / "run")
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)  # a run with a checkpoint, which the failing command continues
+  config_file = _user_config(tmp_path / "cfg.py", corpus, workdir)
   args = extra if any(a.startswith("--config=") for a in extra) else [f"--config={config_file}", *extra]
+  before = _files(workdir), sorted(workdir.rglob("*"))
   proc = _run("llada_jax.train", args, REPO)
   assert_one_line_error(proc, pattern)
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  assert (_files(workdir), sorted(workdir.rglob("*"))) == before
 
 
 def test_config_file_errors_are_one_line(tmp_path):
