@@ -145,10 +145,23 @@ def _command(positional: list[str]) -> int:
   if positional:
     raise app.UsageError(f"unexpected arguments {' '.join(positional)}; expected flags only")
   args = types.SimpleNamespace(**FLAGS.flag_values_dict())
-  result = evaluate(args)
+  if args.output:
+    files.check_output_file(args.output, "--output")  # before the work it would hold
+  try:
+    result = evaluate(args)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    lower = "--batch_size" + (" or --gen_length" if args.task in GENERATION_TASKS else "")
+    raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per call: "
+                     f"lower {lower}, or use --dtype bfloat16") from None
   print(format_table(result))
   if args.output:
-    files.write_json_atomic(args.output, result)
+    try:
+      files.write_json_atomic(args.output, result)
+    except OSError as e:
+      raise ValueError(f"--output {args.output}: cannot be written ({e.strerror or e}); expected a writable "
+                       "file path") from None
     print(f"wrote {args.output}")
   return 0
 

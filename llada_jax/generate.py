@@ -66,6 +66,16 @@ def read_prompts(path: str) -> list[str]:
   return [readers.get_string(obj, "prompt", path=path, line=line) for line, obj in readers.iter_jsonl(path)]
 
 
+def check_prompt_flags(prompts: list[str]) -> list[str]:
+  """The --prompt values, held to the rules of an --input line's 'prompt' field."""
+  for i, text in enumerate(prompts):
+    which = "--prompt" if len(prompts) == 1 else f"--prompt number {i + 1}"
+    if not text:
+      raise ValueError(f"{which} is empty; expected non-empty prompt text")
+    readers.check_utf8(text, path=None, line=None, field=which)
+  return prompts
+
+
 def _check_tokenizer(tok, model_cfg) -> None:
   tokenizer_lib.check_vocab(tok, model_cfg.vocab_size)
   for name, model_id, tok_id in (("mask", model_cfg.mask_token_id, tok.mask_id),
@@ -80,7 +90,7 @@ def run(args) -> list[dict]:
   if args.batch_size <= 0:
     raise ValueError(f"--batch_size={args.batch_size}: expected a positive integer")
   # Inputs first: a bad file fails before the model is loaded.
-  texts = args.prompt if args.input is None else read_prompts(args.input)
+  texts = check_prompt_flags(args.prompt) if args.input is None else read_prompts(args.input)
   if not texts:
     raise DataError("no prompts found; expected at least one line with a 'prompt' field", path=args.input)
 
@@ -125,10 +135,23 @@ def _command(positional: list[str]) -> int:
   if positional:
     raise app.UsageError(f"unexpected arguments {' '.join(positional)}; expected flags only")
   args = types.SimpleNamespace(**FLAGS.flag_values_dict())
-  results = run(args)
+  if args.output:
+    files.check_output_file(args.output, "--output")  # before the work it would hold
+  try:
+    results = run(args)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per sampler "
+                     f"call: lower --batch_size (now {args.batch_size}) or --gen_length (now {args.gen_length}), "
+                     "or use --dtype bfloat16") from None
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
   if args.output:
-    files.write_text_atomic(args.output, lines)
+    try:
+      files.write_text_atomic(args.output, lines)
+    except OSError as e:
+      raise ValueError(f"--output {args.output}: cannot be written ({e.strerror or e}); expected a writable "
+                       "file path") from None
   else:
     sys.stdout.write(lines)
   return 0

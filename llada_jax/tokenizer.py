@@ -3,7 +3,8 @@
   python -m llada_jax.tokenizer train --input a.txt --input b.jsonl --model_prefix out/tok --vocab_size 2048
 
 Inputs are plain text or JSONL (the `text`, `prompt`, `response`, `chosen`, `rejected` and
-`messages[*].content` fields); writes PREFIX.model and PREFIX.vocab.
+`messages[*].content` fields); writes PREFIX.model and PREFIX.vocab, neither of which may exist
+unless --overwrite.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 from absl import app, flags
 
 from llada_jax import cli
+from llada_jax.storage import lock
 
 COMMANDS = ("train",)
 
@@ -28,6 +30,8 @@ flags.DEFINE_float("character_coverage", 0.9995, "Share of characters the pieces
 flags.DEFINE_integer("max_sentences", 2_000_000, "Most text lines to train on.", flag_values=FLAGS)
 flags.DEFINE_integer("num_threads", None, "Trainer threads (default: all cores).", flag_values=FLAGS)
 flags.DEFINE_bool("verbose", False, "Show the trainer's log.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an existing PREFIX.model and PREFIX.vocab (a run trained with the "
+                  "old tokenizer cannot use the new one).", flag_values=FLAGS)
 flags.mark_flags_as_required(["input", "model_prefix", "vocab_size"], flag_values=FLAGS)
 
 
@@ -37,10 +41,11 @@ def _command(positional: list[str]) -> int:
                          f"{' '.join(positional) or 'none'}")
   from llada_jax.data import tokenizer as tok_lib  # noqa: PLC0415 - keeps `--help` fast
 
-  tok = tok_lib.train_sentencepiece(
-      FLAGS.input, FLAGS.model_prefix, FLAGS.vocab_size, model_type=FLAGS.model_type,
-      character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
-      num_threads=FLAGS.num_threads, verbose=FLAGS.verbose)
+  with lock.DirectoryLock.for_output(f"{FLAGS.model_prefix}.model", "tokenizer train"):
+    tok = tok_lib.train_sentencepiece(
+        FLAGS.input, FLAGS.model_prefix, FLAGS.vocab_size, model_type=FLAGS.model_type,
+        character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
+        num_threads=FLAGS.num_threads, verbose=FLAGS.verbose, overwrite=FLAGS.overwrite)
   print(f"wrote {tok.model_path} (vocab_size={tok.vocab_size}, special ids={tok.special_ids})")
   return 0
 

@@ -43,6 +43,8 @@ import random
 import re
 from typing import Any, Iterable
 
+from llada_jax.data import readers
+
 SPLITS = ("train", "validation", "test")
 # Share of the prompt-hash space (out of 100) that belongs to each split.
 _SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
@@ -334,6 +336,7 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[dict[str, Any]]) -> 
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  readers.check_exists(path, "task file")  # a pipe or directory fails here, not inside open()
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 

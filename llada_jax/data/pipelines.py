@@ -94,7 +94,8 @@ def _glob(pattern: str) -> list[str]:
 def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
   """A file, a list of files, or glob patterns -> sorted existing paths (patterns expanded).
 
-  Paths may be local or remote (`gs://bucket/train-*.jsonl`).
+  Paths may be local or remote (`gs://bucket/train-*.jsonl`). Every path, a pattern's matches
+  included, must be a regular file (`readers.check_exists`).
   """
   if isinstance(files, (str, os.PathLike)):
     files = [files]
@@ -105,10 +106,11 @@ def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list
       matches = _glob(f)
       if not matches:
         raise DataError("no file matches this pattern; expected at least one", path=f)
+      for match in matches:
+        readers.check_exists(match)
       paths.extend(matches)
     else:
-      if not epath.Path(f).is_file():
-        raise DataError("file not found; expected an existing data file", path=f)
+      readers.check_exists(f)
       paths.append(f)
   if not paths:
     raise ValueError("no data files given")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Iterator
 
 from etils import epath
@@ -29,9 +30,31 @@ def is_array_record(path: str | os.PathLike) -> bool:
   return ".array_record" in os.path.basename(os.fspath(path)).lower()
 
 
-def check_exists(path: str) -> None:
-  if not epath.Path(path).is_file():
-    raise DataError("file not found; expected an existing data file", path=path)
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def check_exists(path: str | os.PathLike, what: str = "data file") -> None:
+  """Raises DataError unless `path` is an existing regular file (a link to one is fine).
+
+  Checked before a file is opened: opening a FIFO blocks until something writes to it, and a
+  directory or device fails later with an error that names neither. Remote (gs://) paths are
+  only checked to exist, through etils.epath.
+  """
+  path = os.fspath(path)
+  if "://" in path:
+    if not epath.Path(path).is_file():
+      raise DataError(f"file not found; expected an existing {what}", path=path)
+    return
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    raise DataError(f"file not found; expected an existing {what}", path=path) from None
+  except OSError as e:  # a path through a file, a loop of links, no permission on a directory
+    raise DataError(f"cannot be read ({e.strerror}); expected an existing {what}", path=path) from None
+  if not stat.S_ISREG(mode):
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    raise DataError(f"is {kind}; expected a regular file ({what})", path=path)
 
 
 def check_utf8(text: str, *, path, line, field) -> None:

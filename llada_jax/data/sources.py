@@ -366,6 +366,10 @@ def _parse_preference(obj: dict, *, path, line) -> list[_Turn]:
   prompt = get_string(obj, "prompt", path=path, line=line)
   chosen = get_string(obj, "chosen", path=path, line=line)
   rejected = get_string(obj, "rejected", path=path, line=line)
+  if chosen == rejected:
+    # Identical answers state no preference; such a pair only adds noise to the loss (often a copying slip).
+    raise DataError("chosen and rejected are identical; expected two different answers", path=path, line=line,
+                    field="rejected")
   return [_Turn(path, line, None, prompt,
                 {"chosen": ("chosen", chosen), "rejected": ("rejected", rejected)})]
 

@@ -150,6 +150,7 @@ class SentencePieceTokenizer(Tokenizer):
     if not os.path.exists(self.model_path):
       raise DataError("tokenizer model not found; expected a sentencepiece .model file",
                       path=self.model_path)
+    readers.check_exists(self.model_path, "sentencepiece .model file")
     self._sp = spm.SentencePieceProcessor()
     try:
       self._sp.Load(self.model_path)
@@ -250,8 +251,9 @@ class HuggingFaceTokenizer(Tokenizer):
     if os.path.isdir(path):
       path = os.path.join(path, HF_TOKENIZER_FILE)
     self.path = path
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
       raise DataError(f"tokenizer file not found; expected a Hugging Face {HF_TOKENIZER_FILE}", path=path)
+    readers.check_exists(path, f"Hugging Face {HF_TOKENIZER_FILE}")
     try:
       self._tok = _Tokenizer.from_file(path)
     except Exception as e:  # the Rust library raises plain Exceptions for malformed files
@@ -330,7 +332,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    if not os.path.isfile(os.path.join(path, HF_TOKENIZER_FILE)):
+    if not os.path.lexists(os.path.join(path, HF_TOKENIZER_FILE)):
       raise DataError(f"directory has no {HF_TOKENIZER_FILE}; expected a Hugging Face tokenizer directory, "
                       "a tokenizer.json file or a sentencepiece .model file", path=path)
     return HuggingFaceTokenizer(path)
@@ -388,12 +390,17 @@ def train_sentencepiece(
     max_sentences: int = 2_000_000,
     num_threads: int | None = None,
     verbose: bool = False,
+    overwrite: bool = False,
 ) -> SentencePieceTokenizer:
   """Trains a sentencepiece model on text/JSONL files; writes `{model_prefix}.model` and `.vocab`.
 
   byte_fallback makes any UTF-8 text encodable; identity normalisation without a dummy prefix
   keeps whitespace and newlines, so `decode(encode(s)) == s` and the chat template's `\\n\\n`
   survive. The special tokens get the ids in SENTENCEPIECE_SPECIAL_IDS.
+
+  Existing outputs are refused unless `overwrite`: a model trained with the old tokenizer would
+  decode garbage with a new one. The files are written under temporary names and renamed at the
+  end, so a failed training leaves any earlier pair intact.
   """
   import sentencepiece as spm
 
@@ -407,8 +414,8 @@ def train_sentencepiece(
     raise ValueError(f"vocab_size {vocab_size} is too small: the special tokens and 256 byte "
                      f"pieces need at least {minimum}")
   for path in input_files:
-    if not os.path.exists(path):
-      raise DataError("input file not found", path=path)
+    readers.check_exists(path, "text or JSONL input file")
+  _check_outputs(model_prefix, overwrite)
   directory = os.path.dirname(model_prefix)
   if directory:
     os.makedirs(directory, exist_ok=True)
@@ -423,6 +430,40 @@ def train_sentencepiece(
     raise DataError("no text found in the input files; expected non-empty text",
                     path=", ".join(os.fspath(p) for p in input_files))
 
+  tmp_prefix = os.path.join(directory, f".{os.path.basename(model_prefix)}.tmp{os.getpid()}")
+  try:
+    _train(spm, sentences, tmp_prefix, vocab_size, model_type, character_coverage, num_threads, verbose)
+    SentencePieceTokenizer(tmp_prefix + ".model")  # checked before it replaces anything
+    # The .model last: its presence is what marks a finished tokenizer.
+    for suffix in (".vocab", ".model"):
+      os.replace(tmp_prefix + suffix, model_prefix + suffix)
+  finally:
+    for suffix in (".vocab", ".model"):
+      if os.path.lexists(tmp_prefix + suffix):
+        os.remove(tmp_prefix + suffix)
+  return SentencePieceTokenizer(model_prefix + ".model")
+
+
+def _check_outputs(model_prefix: str, overwrite: bool) -> None:
+  """Raises ValueError if PREFIX.model or PREFIX.vocab exists (unless `overwrite`) or cannot be a file."""
+  if not os.path.basename(model_prefix):
+    raise ValueError(f"model prefix {model_prefix!r} ends in a directory separator; expected a file name prefix "
+                     "such as out/tok")
+  for path in (model_prefix + ".model", model_prefix + ".vocab"):
+    if os.path.isdir(path):
+      raise ValueError(f"{path} is a directory; expected a file path for the tokenizer")
+    if os.path.lexists(path) and not overwrite:
+      raise ValueError(f"{path} already exists; expected a new model prefix (--overwrite replaces it)")
+  parent = os.path.dirname(os.path.abspath(model_prefix))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{parent} is a file; expected a directory for {model_prefix}.model")
+
+
+def _train(spm, sentences: list[str], model_prefix: str, vocab_size: int, model_type: str,
+           character_coverage: float, num_threads: int | None, verbose: bool) -> None:
+  """sentencepiece's trainer with the LLaDA special tokens and lossless normalisation."""
   controls = [p for p, i in sorted(SENTENCEPIECE_SPECIAL_IDS.items(), key=lambda kv: kv[1])
               if i > 2]
   spm.SentencePieceTrainer.Train(
@@ -451,5 +492,4 @@ def train_sentencepiece(
       num_threads=num_threads or os.cpu_count() or 1,
       minloglevel=0 if verbose else 2,
   )
-  return SentencePieceTokenizer(model_prefix + ".model")
 

@@ -103,6 +103,7 @@ LOADERS = {"mc": load_multiple_choice, "scores": load_scores, "ppl": load_text, 
 def load_task(task: str, path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
   if task not in LOADERS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  readers.check_exists(path, f"{task} task file")
   examples = LOADERS[task](os.fspath(path))
   if not examples:
     raise DataError("no examples; expected at least one line", path=path)

@@ -247,7 +247,8 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
                          level=recipe.level)
   tok_path = workdir / "tokenizer.model"
   if not tok_path.exists():
-    tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size)
+    tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size,
+                                overwrite=True)  # no .model: a .vocab left beside it is stale
   tokenizer = tok_lib.load_tokenizer(tok_path)
   timings["data"] = time.perf_counter() - t0
 

@@ -12,7 +12,7 @@ import pathlib
 from typing import Any, Mapping, NoReturn
 
 from llada_jax import model as model_lib
-from llada_jax.storage.hf_safetensors import ConversionError
+from llada_jax.storage.hf_safetensors import ConversionError, decode_error
 
 CONFIG_FILE = "config.json"
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -75,7 +75,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
   try:
     config = json.loads(path.read_text(encoding="utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    raise ConversionError(f"{path}: not valid JSON ({decode_error(e)})") from None
   if not isinstance(config, dict):
     raise ConversionError(f"{path}: expected a JSON object")
   return config

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import stat
 import sys
 import weakref
 from typing import Callable, Mapping, Sequence
@@ -45,6 +46,47 @@ class TensorEntry:
   nbytes: int
 
 
+def decode_error(error: UnicodeDecodeError | json.JSONDecodeError) -> str:
+  """Where a text file failed to decode, without quoting its bytes."""
+  if isinstance(error, UnicodeDecodeError):
+    return f"not UTF-8 text at byte {error.start}"
+  return f"{error.msg} at line {error.lineno} column {error.colno}"
+
+
+def file_inside(root: pathlib.Path, name: str, *, where: str, allow_outside_links: bool = False
+                ) -> pathlib.Path | None:
+  """`root / name` once it is known to be a regular file inside `root`; None if nothing is there.
+
+  `name` must be relative and free of `..`, and the file it names, links followed, must lie inside
+  `root` unless `allow_outside_links` (a hub cache links every file to a blob elsewhere): a
+  checkpoint directory must not make the converter read files it was not given. Errors start with
+  `where` (the file or index entry that named the path) and never quote a file's contents.
+  """
+  if "\0" in name:
+    raise ConversionError(f"{where} contains a NUL character; expected a file name inside {root}")
+  if os.path.isabs(name):
+    raise ConversionError(f"{where} is an absolute path; expected a file name inside {root}")
+  if ".." in pathlib.PurePath(name).parts:
+    raise ConversionError(f"{where} leads out of {root} through '..'; expected a file name inside it")
+  path = root / name
+  if not os.path.lexists(path):
+    return None
+  try:
+    real, real_root = path.resolve(), root.resolve()
+    mode = os.stat(path).st_mode if path.exists() else None
+  except (OSError, RuntimeError) as e:  # a loop of links, a path through a file
+    raise ConversionError(f"{where} cannot be resolved ({getattr(e, 'strerror', None) or e}); expected a "
+                          f"regular file inside {root}") from None
+  if not allow_outside_links and real != real_root and real_root not in real.parents:
+    raise ConversionError(f"{where} is a link to {real}, outside {root}; expected a file inside it "
+                          "(--allow_outside_links follows links out of the directory)")
+  if mode is None:
+    return None  # a dangling link: missing, as the caller reports it
+  if not stat.S_ISREG(mode):
+    raise ConversionError(f"{where} is not a regular file (a directory, pipe or device); expected a regular file")
+  return path
+
+
 def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
   """The tensors of a safetensors file (header only; no tensor data is read)."""
   path = pathlib.Path(path)
@@ -53,11 +95,13 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     prefix = f.read(8)
     n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
     if not 0 < n <= min(size - 8, _MAX_HEADER_BYTES):
-      raise ConversionError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+      # Neither the length field nor any other byte is quoted: the file may hold anything.
+      raise ConversionError(f"{path}: not a safetensors file (its header length does not fit the file's "
+                            f"{size} bytes); expected an 8-byte header length, a JSON header and the tensor data")
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ConversionError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+      raise ConversionError(f"{path}: not a safetensors file (header is not JSON: {decode_error(e)})") from None
   if not isinstance(header, dict):
     raise ConversionError(f"{path}: not a safetensors file (header is not a JSON object)")
   data_start, data_size = 8 + n, size - 8 - n
@@ -67,8 +111,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
       continue
     try:
       dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError) as e:
-      raise ConversionError(f"{path}: tensor '{name}' has a malformed header entry {info!r}") from e
+    except (KeyError, TypeError, ValueError):
+      raise ConversionError(f"{path}: tensor '{name}' has a malformed header entry; expected an object with "
+                            "'dtype', 'shape' (a list of integers) and 'data_offsets' [start, end]") from None
     if dtype not in _ST_DTYPES:
       raise ConversionError(f"{path}: tensor '{name}' has dtype {dtype}; expected one of {sorted(_ST_DTYPES)}")
     nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize

@@ -24,7 +24,11 @@ own encode/decode buffers for the leaf in flight (native memory): peak RSS grew 
 largest tensor on import and 1.5-3x on export, the same for a model twice the size.
 
 Both directions write into a temporary directory beside the destination and rename it at the end:
-a failed conversion leaves nothing that looks like a finished run or checkpoint.
+a failed conversion leaves nothing that looks like a finished run or checkpoint. The destination
+must be new or empty; with `overwrite` an existing one is moved aside only once the new one is
+complete. Import reads only regular files inside the Hugging Face directory: index entries with
+`..` or an absolute path are refused, and so are links that lead out of it unless
+`allow_outside_links` (a hub cache's snapshot links every file to a blob elsewhere).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from llada_jax import model as model_lib
 from llada_jax.storage.hf_config import (CONFIG_FILE, PARAM_DTYPES, hf_config_from_model, model_config_from_hf,
                                          read_hf_config)
 from llada_jax.storage.hf_names import TensorMap, tensor_maps
-from llada_jax.storage.hf_safetensors import (ConversionError, HeldBytes, TensorEntry, hold, read_header, read_tensor,
-                                              write_safetensors)
+from llada_jax.storage.hf_safetensors import (ConversionError, HeldBytes, TensorEntry, decode_error, file_inside, hold,
+                                              read_header, read_tensor, write_safetensors)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -62,15 +66,26 @@ _ORBAX_CHUNK_BYTES = 64 << 20  # import: storage chunks, so tensorstore encodes 
 # Reading a Hugging Face directory
 
 
-def find_weights(hf_dir: str | os.PathLike) -> dict[str, TensorEntry]:
-  """Every tensor of the checkpoint in `hf_dir` (one file, or the shards its index lists)."""
+def _inside(hf_dir: pathlib.Path, name: str, allow_outside_links: bool) -> pathlib.Path | None:
+  """A file of `hf_dir` by its fixed name (`file_inside`)."""
+  return file_inside(hf_dir, name, where=os.fspath(hf_dir / name), allow_outside_links=allow_outside_links)
+
+
+def find_weights(hf_dir: str | os.PathLike, *, allow_outside_links: bool = False) -> dict[str, TensorEntry]:
+  """Every tensor of the checkpoint in `hf_dir` (one file, or the shards its index lists).
+
+  Every file read lies inside `hf_dir` (`file_inside`; `allow_outside_links` follows links out of it).
+  """
   hf_dir = pathlib.Path(hf_dir)
-  index_path, single = hf_dir / INDEX_FILE, hf_dir / SINGLE_FILE
-  if index_path.is_file():
+  index_path = _inside(hf_dir, INDEX_FILE, allow_outside_links)
+  single = _inside(hf_dir, SINGLE_FILE, allow_outside_links)
+  if index_path is not None:
     try:
       weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ConversionError(f"{index_path}: expected JSON with a 'weight_map' object ({e!r})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConversionError(f"{index_path}: expected JSON with a 'weight_map' object ({decode_error(e)})") from None
+    except (KeyError, TypeError):
+      raise ConversionError(f"{index_path}: expected JSON with a 'weight_map' object") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
       raise ConversionError(f"{index_path}: field 'weight_map' must map tensor names to file names")
     by_file: dict[str, list[str]] = {}
@@ -78,10 +93,10 @@ def find_weights(hf_dir: str | os.PathLike) -> dict[str, TensorEntry]:
       by_file.setdefault(file, []).append(name)
     entries: dict[str, TensorEntry] = {}
     for file, names in sorted(by_file.items()):
-      path = hf_dir / file
-      if not path.is_file():
-        raise FileNotFoundError(f"{index_path}: shard '{file}' (listed for tensor '{names[0]}') does not exist "
-                                f"in {hf_dir}")
+      where = f"{index_path}: shard {file!r} (listed for tensor {names[0]!r})"
+      path = file_inside(hf_dir, file, where=where, allow_outside_links=allow_outside_links)
+      if path is None:
+        raise FileNotFoundError(f"{where} does not exist in {hf_dir}; expected every shard the index lists")
       header = read_header(path)
       for name in names:
         if name not in header:
@@ -92,7 +107,7 @@ def find_weights(hf_dir: str | os.PathLike) -> dict[str, TensorEntry]:
                                 "tensor in one shard")
         entries[name] = entry
     return entries
-  if single.is_file():
+  if single is not None:
     return read_header(single)
   shards = sorted(hf_dir.glob("*.safetensors"))
   if shards:
@@ -224,26 +239,91 @@ def _run_metadata(cfg, run_dir: pathlib.Path, tokenizer_path: str, hf_dir: pathl
   return {"config": config, "huggingface": {"source": os.fspath(hf_dir), "config": dict(hf_config)}}
 
 
-def _staging_dir(dest: pathlib.Path) -> pathlib.Path:
-  if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-    raise ValueError(f"{dest} already exists and is not empty; expected a new directory (nothing is overwritten)")
+def check_destination(dest: pathlib.Path, *, overwrite: bool = False,
+                      sources: Sequence[str | os.PathLike | None] = ()) -> None:
+  """Raises ValueError unless a conversion may write the directory `dest`.
+
+  `dest` must be new or an empty directory, or with `overwrite` a directory to replace; it must not
+  be a file or a link, nor hold one of `sources` (replacing it would delete the input), and the
+  directory it goes in must be writable.
+  """
+  if dest.is_symlink():
+    raise ValueError(f"{dest} is a symbolic link; expected a directory path (give the directory it points to)")
+  if dest.exists() and not dest.is_dir():
+    raise ValueError(f"{dest} is a file; expected a directory (new, empty or, with --overwrite, replaced)")
+  ancestor = dest.parent
+  while not ancestor.exists() and ancestor != ancestor.parent:
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise ValueError(f"{ancestor} is a file; expected a directory to hold {dest}")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise ValueError(f"{ancestor} is not writable; expected a directory where {dest} can be written")
+  real = dest.resolve()
+  for source in (pathlib.Path(s) for s in sources if s is not None):
+    if real == source.resolve() or real in source.resolve().parents:
+      raise ValueError(f"{dest} holds the input {source}; expected a destination apart from the input")
+  if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+    raise ValueError(f"{dest} already exists and is not empty; expected a new directory (--overwrite replaces it)")
+
+
+def _staging_dir(dest: pathlib.Path, overwrite: bool) -> pathlib.Path:
+  check_destination(dest, overwrite=overwrite)  # again: time has passed since the caller checked
   dest.parent.mkdir(parents=True, exist_ok=True)
   return pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
 
 
-def _commit(staging: pathlib.Path, dest: pathlib.Path) -> None:
-  if dest.exists():
-    dest.rmdir()  # empty (checked by _staging_dir)
-  os.rename(staging, dest)
+def _commit(staging: pathlib.Path, dest: pathlib.Path, overwrite: bool) -> None:
+  """Renames the finished `staging` to `dest`; an old `dest` is deleted only once the new one is in place."""
+  if not dest.exists():
+    os.rename(staging, dest)
+    return
+  if not any(dest.iterdir()):
+    dest.rmdir()
+    os.rename(staging, dest)
+    return
+  if not overwrite:
+    raise ValueError(f"{dest} already exists and is not empty; expected a new directory (--overwrite replaces it)")
+  old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+  try:
+    os.rename(dest, old)  # onto the empty directory just made
+  except BaseException:
+    old.rmdir()
+    raise
+  try:
+    os.rename(staging, dest)
+  except BaseException:
+    os.rename(old, dest)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenizer_sources(hf_dir: pathlib.Path, tokenizer, allow_outside_links: bool) -> list[pathlib.Path]:
+  """The tokenizer files import copies, tokenizer.json first; [] without a tokenizer.
+
+  The default tokenizer and its companions are files of `hf_dir`, checked like the weights; those
+  beside a `tokenizer` the caller named are the caller's choice.
+  """
+  from llada_jax.data import tokenizer as tok_lib  # noqa: PLC0415
+
+  if tokenizer:
+    first = pathlib.Path(tokenizer)
+    return [first] + [first.parent / n for n in TOKENIZER_FILES[1:] if (first.parent / n).is_file()]
+  first = _inside(hf_dir, tok_lib.HF_TOKENIZER_FILE, allow_outside_links)
+  if first is None:
+    return []
+  return [first] + [p for p in (_inside(hf_dir, n, allow_outside_links) for n in TOKENIZER_FILES[1:]) if p]
 
 
 def import_checkpoint(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, *, param_dtype: str = "float32",
                       scan_layers: bool = False, tokenizer: str | os.PathLike | None = None,
-                      meter: HeldBytes | None = None) -> model_lib.ModelConfig:
+                      meter: HeldBytes | None = None, overwrite: bool = False,
+                      allow_outside_links: bool = False) -> model_lib.ModelConfig:
   """Converts a Hugging Face LLaDA directory into a llada_jax run directory; returns its ModelConfig.
 
   `tokenizer`: a tokenizer.json to use and copy (default: `hf_dir/tokenizer.json` if present).
-  Everything is checked (config, files, tensor names and shapes) before anything is written.
+  Everything is checked (destination, config, files, tensor names and shapes) before anything is
+  written. `overwrite` replaces an existing run directory once the new one is complete;
+  `allow_outside_links` reads files of `hf_dir` that are links to elsewhere.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
   from llada_jax.storage import checkpoint as ckpt_lib  # noqa: PLC0415
@@ -252,27 +332,25 @@ def import_checkpoint(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, *, 
   hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir).absolute()
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"{hf_dir}: not a directory; expected a Hugging Face LLaDA checkpoint directory")
+  check_destination(run_dir, overwrite=overwrite, sources=(hf_dir,))
+  _inside(hf_dir, CONFIG_FILE, allow_outside_links)
   hf_config = read_hf_config(hf_dir)
-  tok_path = pathlib.Path(tokenizer) if tokenizer else hf_dir / tok_lib.HF_TOKENIZER_FILE
-  tok = tok_lib.HuggingFaceTokenizer(tok_path) if tokenizer or tok_path.is_file() else None
+  tok_files = _tokenizer_sources(hf_dir, tokenizer, allow_outside_links)
+  tok = tok_lib.HuggingFaceTokenizer(tok_files[0]) if tok_files else None
   cfg = model_config_from_hf(hf_config, where=os.fspath(hf_dir / CONFIG_FILE), tokenizer=tok,
                              param_dtype=param_dtype, scan_layers=scan_layers)
   if tok is not None:
     tok_lib.check_vocab(tok, cfg.vocab_size)
   maps = tensor_maps(cfg)
-  entries = find_weights(hf_dir)
+  entries = find_weights(hf_dir, allow_outside_links=allow_outside_links)
   _match(maps, entries, cfg, hf_dir)
   params = _lazy_params(maps, entries, cfg, meter)
 
-  staging = _staging_dir(run_dir)
+  staging = _staging_dir(run_dir, overwrite)
   try:
-    tokenizer_dest = ""
-    if tok is not None:
-      for name in TOKENIZER_FILES:
-        source = tok_path if name == tok_lib.HF_TOKENIZER_FILE else tok_path.parent / name
-        if source.is_file():
-          shutil.copyfile(source, staging / name)
-      tokenizer_dest = os.fspath(run_dir / tok_lib.HF_TOKENIZER_FILE)
+    for i, source in enumerate(tok_files):  # the first is copied as tokenizer.json whatever its name
+      shutil.copyfile(source, staging / (source.name if i else tok_lib.HF_TOKENIZER_FILE))
+    tokenizer_dest = os.fspath(run_dir / tok_lib.HF_TOKENIZER_FILE) if tok_files else ""
     metadata = _run_metadata(cfg, run_dir, tokenizer_dest, hf_dir.absolute(), hf_config)
     handlers = ckpt_lib._item_handlers(  # pylint: disable=protected-access
         ocp.PyTreeCheckpointHandler(type_handler_registry=_lazy_registry()))
@@ -286,7 +364,7 @@ def import_checkpoint(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, *, 
       manager.wait_until_finished()
     finally:
       manager.close()
-    _commit(staging, run_dir)
+    _commit(staging, run_dir, overwrite)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
@@ -386,10 +464,12 @@ class _LeafReader:
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
                       dtype: str = "float32", max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                      copy_from: str | os.PathLike | None = None, meter: HeldBytes | None = None) -> dict:
+                      copy_from: str | os.PathLike | None = None, meter: HeldBytes | None = None,
+                      overwrite: bool = False) -> dict:
   """Writes a llada_jax checkpoint (a run dir or its checkpoints/ dir) in the Hugging Face LLaDA layout.
 
-  Returns a summary: the files written, their tensors and the total size.
+  `overwrite` replaces an existing `out_dir` once the new one is complete. Returns a summary: the
+  files written, their tensors and the total size.
   """
   from llada_jax.storage import checkpoint as ckpt_lib  # noqa: PLC0415
 
@@ -403,6 +483,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   out_dir = pathlib.Path(out_dir).absolute()
   if copy_from is not None and not pathlib.Path(copy_from).is_dir():
     raise FileNotFoundError(f"--copy_from {copy_from}: not a directory")
+  check_destination(out_dir, overwrite=overwrite, sources=(source, copy_from))
 
   with ckpt_lib.CheckpointManager(directory, read_only=True) as manager:
     found = manager.resolve_step(step)
@@ -434,7 +515,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     shards = _plan_shards([(m.hf_name, out_dtype, m.hf_shape) for m in maps], max_bytes)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    staging = _staging_dir(out_dir)
+    staging = _staging_dir(out_dir, overwrite)
     try:
       total = 0
       for file, specs in zip(names, shards):
@@ -447,7 +528,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
       if copy_from is not None:
         _copy_support_files(pathlib.Path(copy_from), staging)
       (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-      _commit(staging, out_dir)
+      _commit(staging, out_dir, overwrite)
     except BaseException:
       shutil.rmtree(staging, ignore_errors=True)
       raise

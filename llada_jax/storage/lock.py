@@ -47,15 +47,30 @@ def _describe(holder: dict) -> str:
 
 
 class DirectoryLock:
-  """`with DirectoryLock(path, what):` holds `path/.llada_jax.lock` for the block."""
+  """`with DirectoryLock(path, what):` holds `path/.llada_jax.lock` for the block.
 
-  def __init__(self, directory, what: str = "this run"):
+  `name` picks another lock file in `directory`: a tool that writes a new directory `target`
+  locks `DirectoryLock(target.parent, ..., name=f".{target.name}.lock")`, so the lock never lands
+  inside its output.
+  """
+
+  def __init__(self, directory, what: str = "this run", *, name: str = LOCK_NAME):
     self.directory = epath.Path(directory)
-    self.path = self.directory / LOCK_NAME
+    self.path = self.directory / name
     self.what = what
     self._held = False
 
+  @classmethod
+  def for_output(cls, target, what: str) -> "DirectoryLock":
+    """The lock of an output path (a directory or file a tool writes), kept beside it."""
+    target = epath.Path(target)
+    return cls(target.parent, what, name=f".{target.name}.lock")
+
   def acquire(self) -> "DirectoryLock":
+    if self.path.name != LOCK_NAME and not self.directory.is_dir():
+      # An output whose parent is not there yet: the tool's own checks report a bad path, and
+      # nothing else can be writing beside it.
+      return self
     self.directory.mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # a second try after removing a stale lock
       if self._create():
@@ -67,8 +82,9 @@ class DirectoryLock:
         logging.warning("%s: taking over a stale lock of %s, which no longer runs", self.path, _describe(holder))
         self.path.unlink(missing_ok=True)
         continue
-      raise LockedError(f"{self.directory} is in use by {_describe(holder)}; expected one writer per directory "
-                        f"({self.what}): wait for it to finish, use another directory, or delete {self.path} if "
+      target = self.directory if self.path.name == LOCK_NAME else self.directory / self.path.name[1:-len(".lock")]
+      raise LockedError(f"{target} is in use by {_describe(holder)}; expected one writer at a time "
+                        f"({self.what}): wait for it to finish, use another path, or delete {self.path} if "
                         "that process is gone")
     raise LockedError(f"{self.path}: could not take the lock")
 
