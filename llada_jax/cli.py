@@ -6,6 +6,7 @@ Library modules never import this one; the tools (`train`, `plan`, `generate`, .
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
 import textwrap
@@ -27,6 +28,21 @@ USER_ERRORS = (DataError, ValueError, OSError, NotImplementedError, LockedError)
 def fail(error: Exception) -> int:
   print(f"error: {error}", file=sys.stderr)
   return 1
+
+
+@contextlib.contextmanager
+def device_memory_hint(lower: str):
+  """An out-of-device-memory error from XLA inside the block becomes a user error in one line that
+  says what to lower (`lower`); every other runtime error stays a bug."""
+  import jax  # noqa: PLC0415
+
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per call: "
+                     f"lower {lower}, or use --dtype bfloat16") from None
 
 
 class _RecipeParser(flags.ArgumentParser):

@@ -147,14 +147,8 @@ def _command(positional: list[str]) -> int:
   args = types.SimpleNamespace(**FLAGS.flag_values_dict())
   if args.output:
     files.check_output_file(args.output, "--output")  # before the work it would hold
-  try:
+  with cli.device_memory_hint("--batch_size" + (" or --gen_length" if args.task in GENERATION_TASKS else "")):
     result = evaluate(args)
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    lower = "--batch_size" + (" or --gen_length" if args.task in GENERATION_TASKS else "")
-    raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per call: "
-                     f"lower {lower}, or use --dtype bfloat16") from None
   print(format_table(result))
   if args.output:
     try:

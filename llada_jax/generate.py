@@ -137,14 +137,8 @@ def _command(positional: list[str]) -> int:
   args = types.SimpleNamespace(**FLAGS.flag_values_dict())
   if args.output:
     files.check_output_file(args.output, "--output")  # before the work it would hold
-  try:
+  with cli.device_memory_hint(f"--batch_size (now {args.batch_size}) or --gen_length (now {args.gen_length})"):
     results = run(args)
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per sampler "
-                     f"call: lower --batch_size (now {args.batch_size}) or --gen_length (now {args.gen_length}), "
-                     "or use --dtype bfloat16") from None
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
   if args.output:
     try:
