@@ -31,7 +31,7 @@ def fail(error: Exception) -> int:
 
 
 @contextlib.contextmanager
-def device_memory_hint(lower: str):
+def device_memory_hint(lower: str, dtype_flag: str = "--dtype bfloat16"):
   """An out-of-device-memory error from XLA inside the block becomes a user error in one line that
   says what to lower (`lower`); every other runtime error stays a bug."""
   import jax  # noqa: PLC0415
@@ -42,7 +42,7 @@ def device_memory_hint(lower: str):
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per call: "
-                     f"lower {lower}, or use --dtype bfloat16") from None
+                     f"lower {lower}, or use {dtype_flag}") from None
 
 
 class _RecipeParser(flags.ArgumentParser):

@@ -22,8 +22,11 @@ def main(argv):
     return cli.fail(ValueError("--config=RECIPE is required (a shipped recipe's name or a config file)"))
   from llada_jax.training import loop  # noqa: PLC0415 - keeps `--help` fast
 
+  lower = ("config.data.seq_len or config.data.global_batch_size, raise config.grad_accum_steps, set "
+           "config.model.remat=full")
   try:
-    result = loop.run(config)
+    with cli.device_memory_hint(lower, dtype_flag="config.model.dtype=bfloat16"):
+      result = loop.run(config)
   except (*cli.USER_ERRORS, loop.TrainingError) as e:
     return cli.fail(e)
   logging.info("Finished at step %d%s", result.final_step, " (preempted)" if result.preempted else "")

@@ -158,3 +158,24 @@ def test_plan_bad_input(case, tmp_path):
 def test_plan_help_prints_help(tmp_path):
   proc = _run("llada_jax.plan", ["--help"], tmp_path)
   assert "--devices" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_out_of_device_memory_is_one_line_with_a_hint(monkeypatch, capsys):
+  """An XLA RESOURCE_EXHAUSTED from the run (a seq_len too large for the device) names what to lower."""
+  import jax  # noqa: PLC0415
+
+  from llada_jax import train  # noqa: PLC0415
+  from llada_jax.training import loop  # noqa: PLC0415
+
+  def exhausted(config):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99.0GiB.\nmore")
+
+  class Holder:
+    value = object()
+
+  monkeypatch.setattr(loop, "run", exhausted)
+  monkeypatch.setattr(train, "_CONFIG", Holder())
+  assert train.main(["train"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory")
+  assert "config.data.seq_len" in err[0] and "config.grad_accum_steps" in err[0] and "bfloat16" in err[0]
