@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import contextlib
+import signal
+
 import jax
 import numpy as np
 
@@ -24,3 +27,19 @@ def np_log_softmax(logits):
   logits = np.asarray(logits, np.float64)
   m = logits.max(-1, keepdims=True)
   return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+@contextlib.contextmanager
+def fail_if_blocked(seconds: int):
+  """A reader that opens a FIFO waits forever for a writer: inside the block, fail after `seconds`."""
+
+  def blocked(signum, frame):
+    raise AssertionError("blocked opening a file: it was opened before its type was checked")
+
+  previous = signal.signal(signal.SIGALRM, blocked)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -7,7 +7,6 @@ is not a regular file before opening it, with a DataError naming the path.
 import json
 import os
 import re
-import signal
 
 import pytest
 
@@ -16,20 +15,13 @@ from llada_jax.data import DataError, demo_task, make_source, pipelines, readers
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.eval import tasks
 from tests.test_convert import build_tokenizer
+from tests import helpers
 
 
 @pytest.fixture(autouse=True)
 def no_blocking():
-  """A reader that opens a FIFO would wait forever for a writer: fail instead."""
-
-  def blocked(signum, frame):
-    raise AssertionError("blocked opening a file: it was opened before its type was checked")
-
-  previous = signal.signal(signal.SIGALRM, blocked)
-  signal.alarm(60)
-  yield
-  signal.alarm(0)
-  signal.signal(signal.SIGALRM, previous)
+  with helpers.fail_if_blocked(60):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 
 import jax
 import pytest
@@ -17,22 +16,15 @@ from llada_jax import convert, evaluate, generate, tokenizer as tokenizer_cli
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.storage import files, huggingface
 from tests.test_convert import hf_config, hf_tensors, write_hf_dir
+from tests import helpers
 
 SECRET = "SECRET-BYTES-0123456789"
 
 
 @pytest.fixture(autouse=True)
 def no_blocking():
-  """A tool that opens a FIFO would wait forever for a writer: fail instead."""
-
-  def blocked(signum, frame):
-    raise AssertionError("blocked opening a file: it was opened before its type was checked")
-
-  previous = signal.signal(signal.SIGALRM, blocked)
-  signal.alarm(120)
-  yield
-  signal.alarm(0)
-  signal.signal(signal.SIGALRM, previous)
+  with helpers.fail_if_blocked(120):
+    yield
 
 
 def snapshot(root) -> dict:
