@@ -44,15 +44,17 @@ def _as_uint32(x: jax.Array) -> jax.Array:
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """[sum, weighted sum, 1 if every element is finite] as uint32."""
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
   u = _as_uint32(x)
   if u.ndim == 0:
-    return jnp.stack([u, u])
+    return jnp.stack([u, u, finite.astype(jnp.uint32)])
   # Row-major position of every element, built from iotas so a sharded array is never reshaped.
   position = jnp.zeros(u.shape, jnp.uint32)
   for axis, stride in enumerate(np.cumprod((u.shape[1:] + (1,))[::-1])[::-1]):
     position = position + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride % 2**32)
   weight = position * jnp.uint32(2) + jnp.uint32(1)
-  return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * weight, dtype=jnp.uint32)])
+  return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * weight, dtype=jnp.uint32), finite.astype(jnp.uint32)])
 
 
 @jax.jit
@@ -67,15 +69,23 @@ def _host_value(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def fingerprints(tree) -> dict[str, Any]:
-  """{"format", "leaves": {path: [dtype, shape, sum, weighted sum]}} of a pytree of arrays."""
+def _measure(tree) -> tuple[dict[str, list], list[str]]:
+  """({path: [dtype, shape, sum, weighted sum]}, paths of leaves with non-finite values): one
+  compiled pass over the whole tree."""
   leaves = jax.tree_util.tree_leaves(tree)
   values = _fingerprints_on_device([jnp.asarray(x) for x in leaves])
-  out = {}
+  prints, non_finite = {}, []
   for path, x, value in zip(leaf_paths(tree), leaves, values):
-    a, b = (int(v) for v in _host_value(value))
-    out[path] = [str(jnp.asarray(x).dtype), list(np.shape(x)), a, b]
-  return {"format": FORMAT, "leaves": out}
+    a, b, finite = (int(v) for v in _host_value(value))
+    prints[path] = [str(jnp.asarray(x).dtype), list(np.shape(x)), a, b]
+    if not finite:
+      non_finite.append(path)
+  return prints, non_finite
+
+
+def fingerprints(tree) -> dict[str, Any]:
+  """{"format", "leaves": {path: [dtype, shape, sum, weighted sum]}} of a pytree of arrays."""
+  return {"format": FORMAT, "leaves": _measure(tree)[0]}
 
 
 def check(tree, saved: Mapping[str, Any] | None, where: str, prefix: str = "") -> None:
@@ -85,17 +95,12 @@ def check(tree, saved: Mapping[str, Any] | None, where: str, prefix: str = "") -
   fingerprints, checked for finiteness only). Leaves restored into another dtype or shape than
   saved are checked for finiteness only. `prefix` is the path of `tree` inside the saved tree.
   """
+  prints, non_finite = _measure(tree)
   if saved and saved.get("format") == FORMAT:
-    for path, own in fingerprints(tree)["leaves"].items():
+    for path, own in prints.items():
       stored = saved["leaves"].get(prefix + path)
       if stored is not None and stored[:2] == own[:2] and stored[2:] != own[2:]:
         raise DamagedCheckpointError(f"{where}: '{prefix + path}' does not hold the values that were saved (its "
                                      "fingerprint differs): the checkpoint files were changed or damaged")
-  for path, x in zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree)):
-    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and not bool(_host_value(_all_finite(x))):
-      raise DamagedCheckpointError(f"{where}: '{prefix + path}' holds non-finite values")
-
-
-@jax.jit
-def _all_finite(x):
-  return jnp.all(jnp.isfinite(x))
+  if non_finite:
+    raise DamagedCheckpointError(f"{where}: '{prefix + non_finite[0]}' holds non-finite values")
