@@ -24,11 +24,6 @@ def data_kind(name: str) -> str:
   return DATA_KIND[name]
 
 
-def preference_config(name: str, vrpo_config: vrpo.VRPOConfig) -> vrpo.VRPOConfig:
-  """The estimator a preference objective runs: VRPO as configured, or its naive-DPO baseline."""
-  return vrpo_config.as_naive_dpo() if name == "naive_dpo" else vrpo_config
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """A loss `(params, batch, key, reference_params) -> (loss, metrics)` and what it needs."""
@@ -38,10 +33,6 @@ class Objective:
   needs_reference: bool = False  # the step takes the reference parameters
   reference_in_batch: bool = False  # the batch carries precomputed reference ELBOs (training.reference_elbo)
   vrpo_config: vrpo.VRPOConfig | None = None  # the estimator actually run, for preference objectives
-
-  @property
-  def data_kind(self) -> str:
-    return DATA_KIND[self.name]
 
 
 def make_objective(name: str, model_cfg: model_lib.ModelConfig, *, eps: float = diffusion.DEFAULT_EPS,
@@ -61,7 +52,9 @@ def make_objective(name: str, model_cfg: model_lib.ModelConfig, *, eps: float = 
     loss = diffusion.SFTLoss(logits, mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob)
     return Objective(name, lambda p, b, k, r=None: loss(p, b, k))
   if name in ("vrpo", "naive_dpo"):
-    vcfg = preference_config(name, dataclasses.replace(vrpo_config or vrpo.VRPOConfig(), eps=eps))
+    vcfg = dataclasses.replace(vrpo_config or vrpo.VRPOConfig(), eps=eps)
+    if name == "naive_dpo":
+      vcfg = vcfg.as_naive_dpo()  # every setting kept but the sampling budget
     return Objective(name, vrpo.VRPOLoss(logits, mask_id, vcfg), needs_reference=not precompute_reference,
                      reference_in_batch=precompute_reference, vrpo_config=vcfg)
   raise ValueError(f"objective {name!r}: expected one of {NAMES}")
