@@ -150,6 +150,16 @@ class SFTNoise(NamedTuple):
   valid: Array | None  # [B, L] bool key mask, or None when every position is real
 
 
+def sft_draws(key: Array, length: int, prompt_drop_prob: float) -> tuple[Array, Array, Array]:
+  """One example's SFT draws: timestep t, a uniform per position of its frame, and the prompt drop.
+
+  The uniforms are counter-based, so the first m of them do not depend on `length`: an example
+  draws the same alone in a padded row as inside a longer packed one (`llada_jax.packed`).
+  """
+  k_t, k_mask, k_drop = jax.random.split(key, 3)
+  return jax.random.uniform(k_t), jax.random.uniform(k_mask, (length,)), jax.random.bernoulli(k_drop, prompt_drop_prob)
+
+
 def sft_noise(key: Array, tokens: Array, prompt_lengths: Array, *, mask_id: int, eps: float = DEFAULT_EPS,
               prompt_drop_prob: float = 0.0, lengths: Array | None = None,
               example_ids: Array | None = None) -> SFTNoise:
@@ -162,12 +172,7 @@ def sft_noise(key: Array, tokens: Array, prompt_lengths: Array, *, mask_id: int,
   """
   b, l = tokens.shape
   keys = jax.random.split(key, b) if example_ids is None else example_keys(key, example_ids)
-
-  def draw(k):
-    k_t, k_mask, k_drop = jax.random.split(k, 3)
-    return jax.random.uniform(k_t), jax.random.uniform(k_mask, (l,)), jax.random.bernoulli(k_drop, prompt_drop_prob)
-
-  t, u, drop = jax.vmap(draw)(keys)
+  t, u, drop = jax.vmap(lambda k: sft_draws(k, l, prompt_drop_prob))(keys)
   p = mask_ratio(t, eps)
   answer = answer_mask(prompt_lengths, lengths, l)
   masked = (u < p[:, None]) & answer

@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llada_jax import attention as attention_lib
+from llada_jax.attention import AttentionMasks, attention_mask  # noqa: F401 - attention_mask: also model's API
+
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -38,7 +41,7 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.save_only_these_names(_MATMUL),  # projections, not attention
     "dots_saveable": jax.checkpoint_policies.save_only_these_names(_MATMUL, _BATCHED_MATMUL),
 }
-_ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")
+_ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +64,13 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmul inputs.
   remat: str = "none"  # one of _REMAT_POLICIES.
   scan_layers: bool = False
-  # "xla": einsum + float32 softmax; "jax"/"cudnn": jax.nn.dot_product_attention; "auto": cuDNN's fused
-  # attention on GPU for 16-bit compute where its kernels apply (none is float32), "xla" elsewhere
-  # (on CPU it measured as fast as jax.nn.dot_product_attention's XLA path: docs/benchmarks.md).
+  # "xla": einsum + float32 softmax; "jax"/"cudnn": jax.nn.dot_product_attention; "splash": the Pallas
+  # splash-attention kernel (TPU). "auto": splash on TPU, cuDNN's fused attention on GPU for 16-bit
+  # compute where its kernels apply (none is float32), "xla" elsewhere (on CPU it measured as fast as
+  # jax.nn.dot_product_attention's XLA path: docs/benchmarks.md).
   attention_impl: str = "auto"
+  # Runs the splash kernel through the Pallas interpreter, which any backend can (slowly): for tests.
+  attention_interpret: bool = False
 
   def __post_init__(self):
     def fail(field, expected):
@@ -86,6 +92,8 @@ class ModelConfig:
       fail("remat", f"one of {sorted(_REMAT_POLICIES)}")
     if self.attention_impl not in _ATTENTION_IMPLS:
       fail("attention_impl", f"one of {_ATTENTION_IMPLS}")
+    if not isinstance(self.attention_interpret, bool):
+      fail("attention_interpret", "True or False")
     for field in ("mask_token_id", "eos_token_id", "bos_token_id"):
       if not 0 <= getattr(self, field) < self.vocab_size:
         fail(field, f"an id in [0, vocab_size={self.vocab_size})")
@@ -101,12 +109,20 @@ class ModelConfig:
   @property
   def resolved_attention_impl(self) -> str:
     """The implementation `attention_impl` stands for on the default backend."""
-    if self.attention_impl != "auto":
+    if self.attention_impl not in ("auto", "splash"):
       return self.attention_impl
+    backend = jax.default_backend()
+    if self.attention_impl == "splash":
+      # Checked at use, not at construction: configs are also built and planned on hosts without a TPU.
+      if backend != "tpu" and not self.attention_interpret:
+        raise ValueError(f"model.attention_impl='splash' needs a TPU (the default backend is {backend!r}); expected "
+                         "'auto', 'xla', 'jax' or 'cudnn' here, or model.attention_interpret=True (slow, for tests)")
+      return "splash"
+    if backend == "tpu":
+      return "splash"
     # cuDNN's fused kernels take 16-bit inputs and head dimensions that are multiples of 8 up to 128.
     hd = self.resolved_head_dim
-    if (jax.default_backend() == "gpu" and self.dtype in ("bfloat16", "float16") and hd % 8 == 0
-        and hd <= 128):
+    if backend == "gpu" and self.dtype in ("bfloat16", "float16") and hd % 8 == 0 and hd <= 128:
       return "cudnn"
     return "xla"
 
@@ -244,20 +260,6 @@ def positions_from_segments(segment_ids: Array) -> Array:
   return idx - segment_start
 
 
-def attention_mask(key_mask: Array | None, segment_ids: Array | None) -> Array | None:
-  """Boolean [batch, 1, q, k] mask: keys that are real and in the query's segment.
-
-  There is no causal part: the mask predictor is bidirectional.
-  """
-  mask = None
-  if key_mask is not None:
-    mask = key_mask.astype(bool)[:, None, None, :]
-  if segment_ids is not None:
-    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    mask = same if mask is None else mask & same
-  return mask
-
-
 def _rope(cfg: ModelConfig, tokens: Array, positions: Array | None, segment_ids: Array | None = None,
           start=0) -> tuple[Array, Array]:
   """RoPE tables at `positions`; by default positions restart per segment, or count from `start`."""
@@ -303,13 +305,16 @@ def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
   return out.reshape(b, t, h, d)
 
 
-def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, mask) -> Array:
+def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, masks: AttentionMasks) -> Array:
   """Attention of q over k/v (which may be longer: a span against a cache), then `attn_out`."""
   scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
   impl = cfg.resolved_attention_impl
-  if impl == "xla":
-    out = _xla_attention(q, k, v, mask, scale)
+  if impl == "splash" and attention_lib.splash_block_size(q.shape[1], k.shape[1], q.shape[3]):
+    out = attention_lib.splash_attention(q, k, v, masks, scale, interpret=cfg.attention_interpret)
+  elif impl in ("xla", "splash"):  # shapes splash does not take run here: see splash_block_size
+    out = _xla_attention(q, k, v, masks.dense(), scale)
   else:
+    mask = masks.dense()
     if mask is not None:  # cuDNN wants the mask's query and key lengths spelled out
       mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(
@@ -354,7 +359,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd: Array, rope: tuple[Array, Array], mask: Array | None, layer_index) -> Array:
+  def __call__(self, x_btd: Array, rope: tuple[Array, Array], masks: AttentionMasks, layer_index) -> Array:
     cfg = self.config
     d, hd, pdt = cfg.d_model, cfg.resolved_head_dim, cfg.weight_dtype
     std = 1.0 / math.sqrt(d)
@@ -362,7 +367,7 @@ class Attention(nn.Module):
          for name, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.kv_heads), ("v_proj", cfg.kv_heads))}
     p["attn_out"] = _param(self, "attn_out", _depth_scaled_trunc_normal(std), (cfg.n_heads, hd, d),
                            ("heads", "head_dim", "embed"), pdt, layer_index)
-    return _attend(cfg, p, *_qkv(cfg, p, x_btd, rope), mask)
+    return _attend(cfg, p, *_qkv(cfg, p, x_btd, rope), masks)
 
 
 class MLP(nn.Module):
@@ -387,10 +392,10 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd: Array, rope, mask, layer_index):
+  def __call__(self, x_btd: Array, rope, masks: AttentionMasks, layer_index):
     cfg = self.config
     h = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="attn_norm")(x_btd)
-    x_btd = x_btd + Attention(cfg, name="attn")(h, rope, mask, layer_index)
+    x_btd = x_btd + Attention(cfg, name="attn")(h, rope, masks, layer_index)
     h = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="ff_norm")(x_btd)
     x_btd = x_btd + MLP(cfg, name="mlp")(h, layer_index)
     return _constrain(x_btd, ("batch", "length", "embed"))
@@ -402,8 +407,8 @@ class _ScannedBlock(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd, layer_index, rope, mask):
-    return _block_class(self.config)(self.config, name="block")(x_btd, rope, mask, layer_index), None
+  def __call__(self, x_btd, layer_index, rope, masks):
+    return _block_class(self.config)(self.config, name="block")(x_btd, rope, masks, layer_index), None
 
 
 def _block_class(cfg: ModelConfig):
@@ -427,7 +432,7 @@ class LLaDA(nn.Module):
     std = 1 / math.sqrt(d)
     x = _embed(cfg, _param(self, "wte", _trunc_normal(std), (v, d), ("vocab", "embed"), pdt), tokens)
     rope = _rope(cfg, tokens, positions, segment_ids)
-    mask = attention_mask(key_mask, segment_ids)
+    masks = AttentionMasks(key_mask, segment_ids)
 
     if cfg.scan_layers:
       blocks = nn.scan(
@@ -438,11 +443,11 @@ class LLaDA(nn.Module):
           length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="blocks")
-      x, _ = blocks(x, jnp.arange(cfg.n_layers), rope, mask)
+      x, _ = blocks(x, jnp.arange(cfg.n_layers), rope, masks)
     else:
       block_cls = _block_class(cfg)
       for i in range(cfg.n_layers):
-        x = block_cls(cfg, name=f"blocks_{i}")(x, rope, mask, i)
+        x = block_cls(cfg, name=f"blocks_{i}")(x, rope, masks, i)
 
     x = RMSNorm(cfg.norm_eps, pdt, name="ln_f")(x)
     return _head(cfg, x, _param(self, "ff_out", _trunc_normal(std), (d, v), ("embed", "vocab"), pdt))
@@ -504,13 +509,13 @@ class KVCache(NamedTuple):
   v: Array
 
 
-def _block(cfg: ModelConfig, p, x, rope, mask, kv: Callable | None = None):
+def _block(cfg: ModelConfig, p, x, rope, masks: AttentionMasks, kv: Callable | None = None):
   """`Block` on its parameter subtree `p`; returns (x, this layer's own (k, v)).
 
   `kv(k, v)` chooses the keys/values attended to (a span splices its own into the cache's).
   """
   q, k, v = _qkv(cfg, p["attn"], _rms_norm(x, p["attn_norm"]["weight"], cfg.norm_eps), rope)
-  x = x + _attend(cfg, p["attn"], q, *(kv(k, v) if kv else (k, v)), mask)
+  x = x + _attend(cfg, p["attn"], q, *(kv(k, v) if kv else (k, v)), masks)
   x = x + _swiglu(cfg, p["mlp"], _rms_norm(x, p["ff_norm"]["weight"], cfg.norm_eps))
   return _constrain(x, ("batch", "length", "embed")), (k, v)
 
@@ -541,8 +546,8 @@ def forward_with_cache(config: ModelConfig, params, tokens: Array, *, key_mask: 
   those positions: samplers need one block's logits, and the LM head is large.
   """
   cfg = config
-  rope, mask = _rope(cfg, tokens, positions), attention_mask(key_mask, None)
-  x, (ks, vs) = _over_layers(cfg, params, lambda x, xs: _block(cfg, xs[0], x, rope, mask),
+  rope, masks = _rope(cfg, tokens, positions), AttentionMasks(key_mask)
+  x, (ks, vs) = _over_layers(cfg, params, lambda x, xs: _block(cfg, xs[0], x, rope, masks),
                              _embed(cfg, params["wte"], tokens))
   return _final_logits(cfg, params, x, logits_range), KVCache(ks, vs)
 
@@ -559,7 +564,7 @@ def forward_span(config: ModelConfig, params, span_tokens: Array, cache: KVCache
   """
   cfg = config
   rope = _rope(cfg, span_tokens, span_positions, start=span_start)
-  mask = attention_mask(key_mask, None)
+  masks = AttentionMasks(key_mask)
 
   def layer(x, xs):
     p, k_cache, v_cache = xs
@@ -569,7 +574,7 @@ def forward_span(config: ModelConfig, params, span_tokens: Array, cache: KVCache
       return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at),
               jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at))
 
-    return _block(cfg, p, x, rope, mask, splice)[0], None
+    return _block(cfg, p, x, rope, masks, splice)[0], None
 
   x, _ = _over_layers(cfg, params, layer, _embed(cfg, params["wte"], span_tokens), (cache.k, cache.v))
   return _final_logits(cfg, params, x, None if num_logits is None else (0, num_logits))

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from llada_jax import evaluate, generate, tokenizer as tokenizer_cli
-from llada_jax.data import DataError, demo_task, make_source, pipelines, readers
+from llada_jax.data import DataError, demo_task, make_dataset, make_source, pipelines, readers, write_array_record
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.eval import tasks
 from tests.test_convert import build_tokenizer
@@ -161,3 +161,35 @@ def test_identical_chosen_and_rejected_are_refused(tmp_path, tok, pair, ok):
   with pytest.raises(DataError, match=f"^{path}, line 2, field 'rejected': chosen and rejected are identical; "
                                       "expected two different answers$"):
     make_source("preference", str(path), tok, seq_len=32)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing arguments
+
+PACKING_REFUSALS = [
+    # id, make_dataset keywords, data file, error, message ({path}: the data file)
+    ("array_record", {}, "array_record", DataError,
+     "{path}: packed pretraining needs document boundaries, which an ArrayRecord token stream does not keep; "
+     "expected text or JSONL files (or packing=False)"),
+    ("max_segments_0", {"max_segments": 0}, "text", ValueError,
+     "max_segments must be at least 1 (examples per packed row), got 0"),
+    ("packing_bins_negative", {"packing_bins": -1}, "text", ValueError,
+     "packing_bins must be 0 (automatic) or positive, got -1"),
+    ("finite_epochs_two_processes", {"num_epochs": 1, "process_count": 2}, "text", ValueError,
+     "num_epochs=1 with packing and 2 processes: each process packs its own examples, so the processes would "
+     "disagree on the number of steps; expected num_epochs=None (packed data repeats forever; the run length is "
+     "set by the steps)"),
+]
+
+
+@pytest.mark.parametrize("keywords,data,error,message", [pytest.param(*row[1:], id=row[0]) for row in PACKING_REFUSALS])
+def test_packing_refusals_are_one_line(tmp_path, tok, keywords, data, error, message):
+  path = tmp_path / "docs.txt"
+  path.write_text("the cat\n\nsat on the mat\n")
+  if data == "array_record":
+    write_array_record([path], tmp_path / "docs.array_record", tok)
+    path = tmp_path / "docs.array_record"
+  kw = dict(seq_len=16, per_process_batch_size=1, seed=0, process_index=0, process_count=1, packing=True)
+  with pytest.raises(error) as e:
+    make_dataset("pretrain", str(path), tok, **{**kw, **keywords})
+  assert str(e.value) == message.format(path=path)

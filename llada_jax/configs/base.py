@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   # the step then runs the policy only and holds no reference weights.
   c.vrpo.precompute_reference = False
   c.vrpo.reference_elbos_file = ""  # "" = WORKDIR/reference_elbos.npz
+  # Run each pair's 2 x n noised copies in this many groups (a divisor of n): activation memory of
+  # one group for one extra policy forward pass (llada_jax.vrpo_packed).
+  c.vrpo.copy_chunks = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.train_files = ()  # text / JSONL / ArrayRecord files (tuple of paths or globs)
@@ -60,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.chat_template = True
   c.data.on_too_long = "error"  # error | truncate | skip
   c.data.seed = -1  # -1: use `seed`
+  # Several examples per row with segment ids and block-diagonal attention (docs/method.md, "Packed rows").
+  c.data.packing = False
+  c.data.max_segments = 16  # the most examples one packed row holds
+  c.data.packing_bins = 0  # rows packed at a time; 0: automatic (llada_jax.data.packing.default_bins)
 
   c.optimizer = optim.default_optimizer_config("pretrain")
   c.optimizer.total_steps = c.get_ref("total_steps")  # one source of truth for the schedule's length
@@ -117,6 +124,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("data.seq_len", "at least 2")
   if config.data.on_too_long not in ON_TOO_LONG:
     fail("data.on_too_long", f"one of {ON_TOO_LONG}")
+  _validate_packing(config, fail)
   if not 0 < config.diffusion.eps < 1:
     fail("diffusion.eps", "a number in (0, 1): the smallest masking probability")
   for field in ("random_length_prob", "prompt_drop_prob"):
@@ -135,6 +143,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("distributed.initialize", f"one of {sharding.DISTRIBUTED_MODES}")
 
 
+def _validate_packing(config, fail) -> None:
+  if config.data.max_segments < 1:
+    fail("data.max_segments", "a positive integer (examples per packed row)")
+  if config.data.packing_bins < 0:
+    fail("data.packing_bins", "an integer >= 0 (0: automatic)")
+  if not config.data.packing:
+    return
+  if config.objective == "pretrain" and config.diffusion.random_length_prob > 0:
+    fail("diffusion.random_length_prob", "0 with data.packing=True (packed documents already come in every length)")
+  if config.vrpo.precompute_reference and config.objective in ("vrpo", "naive_dpo"):
+    fail("vrpo.precompute_reference", "False with data.packing=True (the precomputed table is per unpacked pair)")
+
+
 def _validate_vrpo(config, fail) -> None:
   v = config.vrpo
   if not v.beta > 0:
@@ -146,3 +167,6 @@ def _validate_vrpo(config, fail) -> None:
     fail("vrpo.sft_weight", "a number >= 0")
   if v.estimator not in ELBO_ESTIMATORS:
     fail("vrpo.estimator", f"one of {ELBO_ESTIMATORS}")
+  n = v.n_timesteps * v.masks_per_timestep  # naive DPO runs one copy per answer and ignores copy_chunks
+  if v.copy_chunks < 1 or (config.objective == "vrpo" and n % v.copy_chunks):
+    fail("vrpo.copy_chunks", f"a divisor of the budget n = {n} (noised copies per answer)")

@@ -1,13 +1,14 @@
 """Grain input pipelines for pretraining, SFT and preference (VRPO) data.
 
 Every pipeline is a random-access source -> global shuffle (seeded, a new permutation each epoch)
--> epochs concatenated -> rows p, p+P, p+2P, ... for process p of P -> batches of
-`per_process_batch_size`. Consequences:
+-> epochs concatenated -> rows p, p+P, p+2P, ... for process p of P -> (packed: several examples
+per row) -> batches of `per_process_batch_size`. Consequences:
 - the same seed gives the same batches on every run and machine;
 - the processes' rows are disjoint and together cover each epoch; all processes yield the same
   number of batches (the global tail that cannot fill one batch on every process is dropped);
 - batches run across epoch boundaries, so nothing but that final tail is dropped;
-- the iterator state is one index, so `get_state()`/`set_state()` resume exactly.
+- the iterator state is one index (packed: and the row within the packing window), so
+  `get_state()`/`set_state()` resume exactly.
 
 Batch formats (numpy, per process, B = per_process_batch_size, L = seq_len):
 - pretrain:   {'tokens': int32 [B, L]}
@@ -16,6 +17,28 @@ Batch formats (numpy, per process, B = per_process_batch_size, L = seq_len):
                'chosen_lengths': int32 [B], 'rejected_lengths': int32 [B],
                'example_id': int32 [B]}
 Sequences are padded with EOS. `example_id` is the example's index in the source files.
+
+Packed batches (`packing=True`, K = max_segments): each row holds up to K whole examples (see
+`llada_jax.data.packing`), contiguous from position 0 with segment ids 1..k in order; the rest is
+padding (EOS, segment id 0). Slot s of a [B, K] array is the example with segment id s + 1; empty
+slots hold example_id -1 and prompt_lengths 0.
+- pretrain:   {'tokens': [B, L], 'segment_ids': [B, L], 'example_id': [B, K]}
+- sft:        {'tokens': [B, L], 'segment_ids': [B, L], 'prompt_lengths': [B, K],
+               'example_id': [B, K]}
+- preference: {'chosen': [B, L], 'rejected': [B, L], 'chosen_segment_ids': [B, L],
+               'rejected_segment_ids': [B, L], 'prompt_lengths': [B, K], 'example_id': [B, K]}
+All int32. A segment is exactly the unpacked example without its padding (SFT: prompt + response
++ EOS; preference: prompt + answer + EOS, so a segment's length is its unpacked *_lengths; an
+answer truncated by on_too_long='truncate' has no EOS and fills its row alone).
+Slot s of a chosen row and of the rejected row beside it is the same pair. Pretraining examples are
+the EOS-terminated documents (text or JSONL files; ArrayRecord streams keep no boundaries), a
+document longer than seq_len cut into pieces of at most seq_len, each its own example_id.
+Each process packs its own examples after the shuffle, with a seeded first fit over
+`packing_bins` rows at a time, so the number of rows per process is not known in advance:
+packed multi-process runs repeat forever (num_epochs=None) and stop after a number of steps. With
+finite epochs (one process) the last rows that cannot fill a batch are dropped, like the unpacked
+tail. `Pipeline.stats` counts what the sources skipped, truncated or split; `batch_stats` measures
+the padding of a batch.
 
 Data conventions:
 - pretraining: plain text files hold documents separated by blank lines; JSONL lines hold a
@@ -36,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 from typing import Any, Sequence
 
@@ -45,9 +69,12 @@ from etils import epath
 
 from llada_jax.storage import remote
 
+from llada_jax.data import packing as packing_lib
 from llada_jax.data import readers, sources
 from llada_jax.data.errors import DataError
 from llada_jax.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 KINDS = {
     "pretrain": "pretrain",
@@ -66,13 +93,22 @@ BATCH_SPECS = {
                    "chosen_lengths": "B", "rejected_lengths": "B", "example_id": "B"},
 }
 
+# K: max_segments, the examples a packed row can hold.
+PACKED_BATCH_SPECS = {
+    "pretrain": {"tokens": "BL", "segment_ids": "BL", "example_id": "BK"},
+    "sft": {"tokens": "BL", "segment_ids": "BL", "prompt_lengths": "BK", "example_id": "BK"},
+    "preference": {"chosen": "BL", "rejected": "BL", "chosen_segment_ids": "BL", "rejected_segment_ids": "BL",
+                   "prompt_lengths": "BK", "example_id": "BK"},
+}
 
-def batch_spec(kind: str, per_process_batch_size: int, seq_len: int
-               ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shape and dtype of every array in a batch of `kind` (all int32)."""
-  sizes = {"B": per_process_batch_size, "L": seq_len}
+
+def batch_spec(kind: str, per_process_batch_size: int, seq_len: int, *, packed: bool = False,
+               max_segments: int = 16) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shape and dtype of every array in a batch of `kind`, packed or not (all int32)."""
+  sizes = {"B": per_process_batch_size, "L": seq_len, "K": max_segments}
+  specs = PACKED_BATCH_SPECS if packed else BATCH_SPECS
   return {k: (tuple(sizes[c] for c in axes), np.dtype(np.int32))
-          for k, axes in BATCH_SPECS[canonical_kind(kind)].items()}
+          for k, axes in specs[canonical_kind(kind)].items()}
 
 
 def canonical_kind(kind: str) -> str:
@@ -118,30 +154,53 @@ def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def make_source(kind: str, files, tokenizer: Tokenizer, *, seq_len: int,
-                chat_template: bool = True, on_too_long: str = "error"):
+                chat_template: bool = True, on_too_long: str = "error", packing: bool = False):
   """The random-access (unshuffled, unsharded) source of examples of `kind`.
 
   Pretraining takes text, JSONL (`text` or pre-tokenized `tokens`) and ArrayRecord files, in
-  any mix; SFT and preference data are JSONL.
+  any mix; packed pretraining (`packing=True`: one example per document) takes text and JSONL
+  only. SFT and preference data are JSONL. Logs the source's `stats` once.
   """
   kind = canonical_kind(kind)
   paths = expand_files(files)
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
   if kind == "pretrain":
-    array_records = [p for p in paths if readers.is_array_record(p)]
-    texts = [p for p in paths if not readers.is_array_record(p)]
-    parts = []
-    if texts:
-      parts.append(sources.TokenRowSource(texts, tokenizer, seq_len))
+    source = _pretrain_source(paths, tokenizer, seq_len, packing)
+  else:
+    not_jsonl = [p for p in paths if not readers.is_jsonl(p)]
+    if not_jsonl:
+      raise DataError(f"{kind} data must be JSONL; expected a .jsonl file", path=not_jsonl[0])
+    cls = sources.SFTSource if kind == "sft" else sources.PreferenceSource
+    source = cls(paths, tokenizer, seq_len, chat_template=chat_template, on_too_long=on_too_long)
+  _log_stats(kind, source.stats, seq_len, packing)
+  return source
+
+
+def _pretrain_source(paths: list[str], tokenizer: Tokenizer, seq_len: int, packing: bool):
+  array_records = [p for p in paths if readers.is_array_record(p)]
+  texts = [p for p in paths if not readers.is_array_record(p)]
+  if packing:
     if array_records:
-      parts.append(sources.ArrayRecordRowSource(array_records, tokenizer, seq_len))
-    return parts[0] if len(parts) == 1 else sources.ConcatSource(parts)
-  not_jsonl = [p for p in paths if not readers.is_jsonl(p)]
-  if not_jsonl:
-    raise DataError(f"{kind} data must be JSONL; expected a .jsonl file", path=not_jsonl[0])
-  cls = sources.SFTSource if kind == "sft" else sources.PreferenceSource
-  return cls(paths, tokenizer, seq_len, chat_template=chat_template, on_too_long=on_too_long)
+      raise DataError("packed pretraining needs document boundaries, which an ArrayRecord token stream does not "
+                      "keep; expected text or JSONL files (or packing=False)", path=array_records[0])
+    return packing_lib.DocumentSource(texts, tokenizer, seq_len)
+  parts = []
+  if texts:
+    parts.append(sources.TokenRowSource(texts, tokenizer, seq_len))
+  if array_records:
+    parts.append(sources.ArrayRecordRowSource(array_records, tokenizer, seq_len))
+  return parts[0] if len(parts) == 1 else sources.ConcatSource(parts)
+
+
+def _log_stats(kind: str, stats: dict[str, int], seq_len: int, packing: bool) -> None:
+  """One line on what the source kept, a warning when examples were skipped or cut."""
+  lossy = stats["too_long_skipped"] or stats["too_long_truncated"]
+  log.log(logging.WARNING if lossy else logging.INFO,
+          "%s data (seq_len %d, %s): %d examples; longer than seq_len: %d skipped, %d truncated; "
+          "%d documents split into pieces; %d tail tokens dropped", kind, seq_len,
+          "packed" if packing else "one example per row", stats["examples"], stats["too_long_skipped"],
+          stats["too_long_truncated"], stats["documents_split"], stats["tokens_dropped"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,30 +215,79 @@ class Pipeline:
   process_index: int
   process_count: int
   num_epochs: int | None
+  packed: bool = False
+  max_segments: int = 16
+  packing_bins: int = 0  # as used: the automatic choice resolved
+  pad_id: int | None = None
 
   @property
   def num_examples(self) -> int:
-    """Examples (pretraining: rows of seq_len tokens) in one epoch, over all processes."""
+    """Examples in one epoch, over all processes (unpacked pretraining: rows of seq_len tokens;
+    packed pretraining: documents, long ones counted once per piece)."""
     return len(self.source)
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """What the source kept, skipped or cut: `examples`, `too_long_skipped`, `too_long_truncated`,
+    `documents_split`, `tokens_dropped` (see `sources.source_stats`)."""
+    return dict(self.source.stats)
 
   @property
   def global_batch_size(self) -> int:
     return self.per_process_batch_size * self.process_count
 
   @property
-  def steps_per_epoch(self) -> float:
-    """Batches per epoch on each process (fractional: batches run across epochs)."""
+  def steps_per_epoch(self) -> float | None:
+    """Batches per epoch on each process (fractional: batches run across epochs); None when
+    packed, as the number of packed rows is only known once packed."""
+    if self.packed:
+      return None
     return self.num_examples / self.global_batch_size
 
   @property
   def num_batches(self) -> int | None:
-    """Batches each process yields in all, None if it repeats forever."""
-    if self.num_epochs is None:
+    """Batches each process yields in all, None if it repeats forever or is packed (unknown)."""
+    if self.num_epochs is None or self.packed:
       return None
     return self.num_examples * self.num_epochs // self.global_batch_size
 
+  def batch_stats(self, batch) -> dict[str, float]:
+    """`padding_fraction` and `examples_per_row` of one of this pipeline's batches."""
+    return packing_lib.batch_stats(batch, self.kind, self.packed, eos_id=self.pad_id)
+
   def __iter__(self) -> grain.DatasetIterator:
     return iter(self.dataset)
+
+
+def _check_args(*, process_index, process_count, per_process_batch_size, num_epochs, packing,
+                max_segments, packing_bins) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  if per_process_batch_size < 1:
+    raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
+  if max_segments < 1:
+    raise ValueError(f"max_segments must be at least 1 (examples per packed row), got {max_segments}")
+  if packing_bins < 0:
+    raise ValueError(f"packing_bins must be 0 (automatic) or positive, got {packing_bins}")
+  if packing and num_epochs is not None and process_count > 1:
+    raise ValueError(f"num_epochs={num_epochs} with packing and {process_count} processes: each process packs "
+                     "its own examples, so the processes would disagree on the number of steps; expected "
+                     "num_epochs=None (packed data repeats forever; the run length is set by the steps)")
+
+
+def _packed_batches(examples: grain.MapDataset, kind: str, *, seq_len, pad_id, per_process_batch_size,
+                    max_segments, packing_bins, seed, shuffle, read_threads, prefetch_batches) -> grain.IterDataset:
+  """This process's shuffled examples -> batches of packed rows."""
+  # Packing reads a stream; prefetching examples keeps the readers ahead of it.
+  stream = examples.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=prefetch_batches * per_process_batch_size))
+  rows = packing_lib.pack(stream, kind, seq_len=seq_len, pad_id=pad_id, max_segments=max_segments,
+                          num_bins=packing_bins, seed=seed, shuffle_bins=shuffle)
+  batches = rows.batch(per_process_batch_size, drop_remainder=True)
+  # Packing runs in Python: a thread keeps it off the training loop's.
+  return packing_lib.ThreadPrefetch(batches, prefetch_buffer_size=prefetch_batches)
 
 
 def make_dataset(
@@ -198,23 +306,28 @@ def make_dataset(
     on_too_long: str = "error",
     read_threads: int = 2,
     prefetch_batches: int = 4,
+    packing: bool = False,
+    max_segments: int = 16,
+    packing_bins: int = 0,
 ) -> Pipeline:
-  """Builds (and validates) the pipeline; see the module docstring for its semantics."""
+  """Builds (and validates) the pipeline; see the module docstring for its semantics.
+
+  packing: several examples per row (the packed formats). max_segments: the most examples a
+  packed row holds (K). packing_bins: rows packed at a time, 0 for `packing.default_bins` (more
+  bins: less padding, more memory, more mixing of one epoch with the next).
+  """
   kind = canonical_kind(kind)
   if process_index is None or process_count is None:
     import jax
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  if per_process_batch_size < 1:
-    raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
+  _check_args(process_index=process_index, process_count=process_count,
+              per_process_batch_size=per_process_batch_size, num_epochs=num_epochs, packing=packing,
+              max_segments=max_segments, packing_bins=packing_bins)
 
   source = make_source(kind, files, tokenizer, seq_len=seq_len, chat_template=chat_template,
-                       on_too_long=on_too_long)
+                       on_too_long=on_too_long, packing=packing)
   global_batch = per_process_batch_size * process_count
   n = len(source)
   if n == 0:
@@ -225,20 +338,28 @@ def make_dataset(
                     f"{global_batch}; expected more data, more epochs or a smaller batch",
                     path=", ".join(expand_files(files)))
 
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(packing_lib.UnpaddedExamples(source) if packing else source)
   if shuffle:
     # A MapDataset shuffle is a seeded index permutation that changes with the epoch once
     # repeated, so no buffer is needed and any position can be resumed.
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  # Same length on every process, else the processes would disagree on the number of steps.
-  ds = ds[:len(ds) - len(ds) % global_batch]
-  ds = ds[process_index::process_count]
-  ds = ds.batch(per_process_batch_size, drop_remainder=True)
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=prefetch_batches))
+  if packing:
+    packing_bins = packing_bins or packing_lib.default_bins(per_process_batch_size)
+    iter_ds = _packed_batches(ds[process_index::process_count], kind, seq_len=seq_len, pad_id=tokenizer.eos_id,
+                              per_process_batch_size=per_process_batch_size, max_segments=max_segments,
+                              packing_bins=packing_bins, seed=seed, shuffle=shuffle, read_threads=read_threads,
+                              prefetch_batches=prefetch_batches)
+  else:
+    # Same length on every process, else the processes would disagree on the number of steps.
+    ds = ds[:len(ds) - len(ds) % global_batch]
+    ds = ds[process_index::process_count]
+    ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                   prefetch_buffer_size=prefetch_batches))
   return Pipeline(iter_ds, source, kind, seq_len, per_process_batch_size, process_index,
-                  process_count, num_epochs)
+                  process_count, num_epochs, packed=packing, max_segments=max_segments,
+                  packing_bins=packing_bins if packing else 0, pad_id=tokenizer.eos_id)
 
 
 def make_pipeline(
@@ -259,8 +380,8 @@ def make_pipeline(
 
   kind: 'pretrain', 'sft' or 'preference' (aliases in KINDS). files: paths or glob patterns.
   num_epochs: None repeats forever. process_index/process_count default to jax's.
-  Other keywords (chat_template, on_too_long, read_threads, prefetch_batches) go to
-  `make_dataset`.
+  Other keywords (chat_template, on_too_long, read_threads, prefetch_batches, packing,
+  max_segments, packing_bins) go to `make_dataset`.
   """
   return iter(make_dataset(
       kind, files, tokenizer, seq_len=seq_len, per_process_batch_size=per_process_batch_size,

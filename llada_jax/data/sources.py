@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import logging
 import os
 from typing import Any, Iterator, Sequence
 
@@ -23,9 +22,23 @@ from llada_jax.data.readers import check_exists, get_string, is_jsonl, iter_json
 from llada_jax.data.tokenizer import CHAT_ROLES, Tokenizer
 from llada_jax.storage import remote
 
-log = logging.getLogger(__name__)
-
 ON_TOO_LONG = ("error", "truncate", "skip")
+
+STATS_KEYS = ("examples", "too_long_skipped", "too_long_truncated", "documents_split", "tokens_dropped")
+
+
+def source_stats(examples: int, *, too_long_skipped: int = 0, too_long_truncated: int = 0,
+                 documents_split: int = 0, tokens_dropped: int = 0) -> dict[str, int]:
+  """What a source kept and what it changed or left out, so that nothing is dropped in silence.
+
+  examples: examples the source yields per epoch (pretraining rows, or packed-pretraining pieces).
+  too_long_skipped / too_long_truncated: examples longer than seq_len (on_too_long).
+  documents_split: packed pretraining documents longer than seq_len, cut into several examples.
+  tokens_dropped: the tail of the concatenated pretraining stream too short to fill a row.
+  """
+  return {"examples": int(examples), "too_long_skipped": int(too_long_skipped),
+          "too_long_truncated": int(too_long_truncated), "documents_split": int(documents_split),
+          "tokens_dropped": int(tokens_dropped)}
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, mask_id: int, *, path, line=None,
@@ -140,6 +153,10 @@ class TokenRowSource:
   def __len__(self):
     return len(self.tokens) // self.seq_len
 
+  @property
+  def stats(self) -> dict[str, int]:
+    return source_stats(len(self), tokens_dropped=len(self.tokens) % self.seq_len)
+
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
     start = int(row) * self.seq_len
     return {"tokens": self.tokens[start:start + self.seq_len].copy()}
@@ -224,6 +241,7 @@ class ArrayRecordRowSource:
     # Only the ints are kept, so the source stays small when pickled to worker processes.
     self.vocab_size, self.mask_id = tokenizer.vocab_size, tokenizer.mask_id
     chunk_lens, record_counts, row_counts = [], [], []
+    self.tokens_dropped = 0  # each file's tail shorter than a row
     for path in self.files:
       check_exists(path)
       try:
@@ -252,6 +270,7 @@ class ArrayRecordRowSource:
       chunk_lens.append(chunk)
       record_counts.append(n)
       row_counts.append(total // seq_len)
+      self.tokens_dropped += total % seq_len
     self.chunk_lens = np.asarray(chunk_lens, np.int64)
     self.record_offsets = np.concatenate([[0], np.cumsum(record_counts)]).astype(np.int64)
     self.record_counts = np.asarray(record_counts, np.int64)
@@ -267,6 +286,10 @@ class ArrayRecordRowSource:
 
   def __len__(self):
     return int(self.row_offsets[-1])
+
+  @property
+  def stats(self) -> dict[str, int]:
+    return source_stats(len(self), tokens_dropped=self.tokens_dropped)
 
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
     row = int(row)
@@ -301,6 +324,11 @@ class ConcatSource:
 
   def __len__(self):
     return int(self.offsets[-1])
+
+  @property
+  def stats(self) -> dict[str, int]:
+    parts = [s.stats for s in self.sources]
+    return {k: sum(p[k] for p in parts) for k in STATS_KEYS}
 
   def __getitem__(self, i: int):
     k = bisect.bisect_right(self.offsets, int(i)) - 1
@@ -429,27 +457,36 @@ class SFTSource:
       raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
     self.seq_len, self.pad_id = seq_len, tokenizer.eos_id
     rows, prompt_lengths, example_ids = [], [], []
+    self.num_truncated = 0
     turns = _load_turns(files, _parse_sft)
     for example_id, turn in enumerate(turns):
       prompt = _prompt_ids(turn, tokenizer, chat_template)
       field, response = turn.answers["response"]
-      answer = _fit(turn, len(prompt), field, tokenizer.encode(response) + [tokenizer.eos_id],
-                    seq_len, on_too_long)
+      full = tokenizer.encode(response) + [tokenizer.eos_id]
+      answer = _fit(turn, len(prompt), field, full, seq_len, on_too_long)
       if answer is None:
         continue
+      self.num_truncated += len(answer) < len(full)
       rows.append(prompt + answer)
       prompt_lengths.append(len(prompt))
       example_ids.append(example_id)
     self.num_skipped = len(turns) - len(rows)
-    if self.num_skipped:
-      log.warning("skipped %d of %d SFT examples longer than seq_len %d", self.num_skipped,
-                  len(turns), seq_len)
     self.rows = Ragged(rows)
     self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
     self.example_ids = np.asarray(example_ids, np.int32)
 
   def __len__(self):
     return len(self.rows)
+
+  @property
+  def stats(self) -> dict[str, int]:
+    return source_stats(len(self), too_long_skipped=self.num_skipped, too_long_truncated=self.num_truncated)
+
+  def example(self, i: int) -> dict[str, np.ndarray]:
+    """Example i without the padding: what a packed row holds for it."""
+    i = int(i)
+    return {"tokens": self.rows[i], "prompt_lengths": self.prompt_lengths[i],
+            "example_id": self.example_ids[i]}
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     i = int(i)
@@ -472,30 +509,40 @@ class PreferenceSource:
       raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
     self.seq_len, self.pad_id = seq_len, tokenizer.eos_id
     chosen, rejected, prompt_lengths, example_ids = [], [], [], []
+    self.num_truncated = 0
     turns = _load_turns(files, _parse_preference)
     for example_id, turn in enumerate(turns):
       prompt = _prompt_ids(turn, tokenizer, chat_template)
-      fitted = []
+      fitted, full_lengths = [], []
       for name in ("chosen", "rejected"):
         field, text = turn.answers[name]
-        fitted.append(_fit(turn, len(prompt), field, tokenizer.encode(text) + [tokenizer.eos_id],
-                           seq_len, on_too_long))
+        full = tokenizer.encode(text) + [tokenizer.eos_id]
+        full_lengths.append(len(full))
+        fitted.append(_fit(turn, len(prompt), field, full, seq_len, on_too_long))
       if None in fitted:
         continue
+      self.num_truncated += any(len(a) < n for a, n in zip(fitted, full_lengths))
       chosen.append(prompt + fitted[0])
       rejected.append(prompt + fitted[1])
       prompt_lengths.append(len(prompt))
       example_ids.append(example_id)
     self.num_skipped = len(turns) - len(chosen)
-    if self.num_skipped:
-      log.warning("skipped %d of %d preference pairs longer than seq_len %d", self.num_skipped,
-                  len(turns), seq_len)
     self.chosen, self.rejected = Ragged(chosen), Ragged(rejected)
     self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
     self.example_ids = np.asarray(example_ids, np.int32)
 
   def __len__(self):
     return len(self.chosen)
+
+  @property
+  def stats(self) -> dict[str, int]:
+    return source_stats(len(self), too_long_skipped=self.num_skipped, too_long_truncated=self.num_truncated)
+
+  def example(self, i: int) -> dict[str, np.ndarray]:
+    """Pair i without the padding: what packed rows hold for it (the *_lengths are the lengths)."""
+    i = int(i)
+    return {"chosen": self.chosen[i], "rejected": self.rejected[i],
+            "prompt_lengths": self.prompt_lengths[i], "example_id": self.example_ids[i]}
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     i = int(i)

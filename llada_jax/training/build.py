@@ -60,7 +60,8 @@ def objective_from_config(config, model_cfg: model_lib.ModelConfig) -> objective
   return objectives.make_objective(
       config.objective, model_cfg, eps=config.diffusion.eps, random_length_prob=config.diffusion.random_length_prob,
       prompt_drop_prob=config.diffusion.prompt_drop_prob, vrpo_config=vcfg,
-      precompute_reference=bool(v.get("precompute_reference", False)))
+      precompute_reference=bool(v.get("precompute_reference", False)), packed=bool(config.data.packing),
+      copy_chunks=int(v.copy_chunks))
 
 
 def checked_batch_shards(mesh: Mesh, batch_sh: NamedSharding, *, global_batch_size: int,

@@ -34,6 +34,11 @@ class RunResult:
 
 
 def make_data_iterator(config, model_cfg):
+  return iter(make_data(config, model_cfg))
+
+
+def make_data(config, model_cfg) -> data_lib.Pipeline:
+  """The run's input pipeline (`llada_jax.data.make_dataset`), from its config."""
   if not config.data.train_files:
     raise ValueError("config.data.train_files=(): expected at least one text, JSONL or ArrayRecord file")
   if not config.data.tokenizer:
@@ -48,11 +53,12 @@ def make_data_iterator(config, model_cfg):
     raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size}: expected a multiple of "
                      f"the {jax.process_count()} processes")
   seed = config.seed if config.data.seed < 0 else config.data.seed
-  return data_lib.make_pipeline(
+  return data_lib.make_dataset(
       objectives.data_kind(config.objective), list(config.data.train_files), tokenizer, seq_len=config.data.seq_len,
       per_process_batch_size=config.data.global_batch_size // jax.process_count(), seed=seed,
       shuffle=config.data.shuffle, num_epochs=None if config.data.num_epochs < 0 else config.data.num_epochs,
-      chat_template=config.data.chat_template, on_too_long=config.data.on_too_long)
+      chat_template=config.data.chat_template, on_too_long=config.data.on_too_long, packing=config.data.packing,
+      max_segments=config.data.max_segments, packing_bins=config.data.packing_bins)
 
 
 def _init_step(config) -> int | None:
@@ -193,8 +199,10 @@ def _check_weight_sources(config) -> None:
 def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
   _check_weight_sources(config)
   program = build_lib.build(config)
+  pipeline = None
   if data_iterator is None:
-    data_iterator = make_data_iterator(config, program.model_cfg)
+    pipeline = make_data(config, program.model_cfg)
+    data_iterator = iter(pipeline)
   manager = ckpt_lib.CheckpointManager(
       f"{config.workdir}/checkpoints", save_interval_steps=config.checkpoint.every_steps,
       max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save,
@@ -206,6 +214,8 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
   writer = mirrored_writer.metric_writer(config.workdir)
   if latest is None:
     writer.write_config(config.to_dict())
+  if pipeline is not None:  # what the data kept, skipped, cut or split: once per (re)start
+    writer.write_scalars(int(jax.device_get(state.step)), {f"data/{k}": v for k, v in pipeline.stats.items()})
   start = int(jax.device_get(state.step))
   end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
   watcher = preemption.PreemptionWatcher()
@@ -224,6 +234,8 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
       batch = sharding.global_batch(local, program.batch_sharding)
       state, step_metrics = program.step(state, batch, root_key, reference_params)
       done = step + 1
+      if pipeline is not None:
+        step_metrics = {**step_metrics, **{f"data/{k}": v for k, v in pipeline.batch_stats(local).items()}}
       log.add(done, step_metrics)  # fetched at log time: no device sync per step
       manager.save(done, state, data_iterator=data_iterator)
       if progress is not None:

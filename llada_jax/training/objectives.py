@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from llada_jax import diffusion, metrics, vrpo
+from llada_jax import diffusion, metrics, packed as packed_lib, vrpo, vrpo_packed
 from llada_jax import model as model_lib
 
 NAMES = ("pretrain", "sft", "vrpo", "naive_dpo")
@@ -33,30 +33,53 @@ class Objective:
   needs_reference: bool = False  # the step takes the reference parameters
   reference_in_batch: bool = False  # the batch carries precomputed reference ELBOs (training.reference_elbo)
   vrpo_config: vrpo.VRPOConfig | None = None  # the estimator actually run, for preference objectives
+  # `(params, batch, key, reference_params) -> (loss, metrics, grads)` where the objective computes its own
+  # gradient (chunked VRPO copies); None: jax.value_and_grad of `loss_fn`.
+  value_and_grad: Callable | None = None
+  # `batch -> count` the loss divides by (packed rows: examples or real tokens); the step passes the whole
+  # batch's count to each micro-batch. None: each micro-batch's mean weighs the same.
+  denominator: Callable | None = None
+
+
+def _count_examples(batch):
+  return (batch["example_id"] >= 0).sum()
+
+
+def _count_tokens(batch):
+  return (batch["segment_ids"] > 0).sum()
 
 
 def make_objective(name: str, model_cfg: model_lib.ModelConfig, *, eps: float = diffusion.DEFAULT_EPS,
                    random_length_prob: float = 0.0, prompt_drop_prob: float = 0.0,
-                   vrpo_config: vrpo.VRPOConfig | None = None, precompute_reference: bool = False) -> Objective:
+                   vrpo_config: vrpo.VRPOConfig | None = None, precompute_reference: bool = False,
+                   packed: bool = False, copy_chunks: int = 1) -> Objective:
   """The objective `name` on the model `model_cfg`.
 
   `vrpo_config` (VRPO and naive DPO) gives beta, the budget and the estimator; its `eps` is
-  replaced by `eps`, so every objective noises with the same floor.
+  replaced by `eps`, so every objective noises with the same floor. `packed`: the batches hold
+  packed rows (`llada_jax.packed`). `copy_chunks` > 1 runs VRPO's noised copies in that many groups.
   """
   logits = model_lib.logits_fn(model_cfg)
   mask_id = model_cfg.mask_token_id
-  if name == "pretrain":
-    loss = diffusion.PretrainLoss(logits, mask_id, eps=eps, random_length_prob=random_length_prob)
-    return Objective(name, lambda p, b, k, r=None: loss(p, b, k))
-  if name == "sft":
-    loss = diffusion.SFTLoss(logits, mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob)
-    return Objective(name, lambda p, b, k, r=None: loss(p, b, k))
+  if name in ("pretrain", "sft"):
+    if name == "pretrain":
+      loss = (packed_lib.PackedPretrainLoss(logits, mask_id, eps=eps) if packed else
+              diffusion.PretrainLoss(logits, mask_id, eps=eps, random_length_prob=random_length_prob))
+    else:
+      cls = packed_lib.PackedSFTLoss if packed else diffusion.SFTLoss
+      loss = cls(logits, mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob)
+    count = (_count_tokens if name == "pretrain" else _count_examples) if packed else None
+    return Objective(name, lambda p, b, k, r=None: loss(p, b, k), denominator=count)
   if name in ("vrpo", "naive_dpo"):
     vcfg = dataclasses.replace(vrpo_config or vrpo.VRPOConfig(), eps=eps)
     if name == "naive_dpo":
-      vcfg = vcfg.as_naive_dpo()  # every setting kept but the sampling budget
-    return Objective(name, vrpo.VRPOLoss(logits, mask_id, vcfg), needs_reference=not precompute_reference,
-                     reference_in_batch=precompute_reference, vrpo_config=vcfg)
+      vcfg, copy_chunks = vcfg.as_naive_dpo(), 1  # every setting kept but the sampling budget
+    common = dict(needs_reference=not precompute_reference, reference_in_batch=precompute_reference, vrpo_config=vcfg)
+    if not packed and copy_chunks == 1:
+      return Objective(name, vrpo.VRPOLoss(logits, mask_id, vcfg), **common)
+    loss = vrpo_packed.PackedVRPOLoss(logits, mask_id, vcfg, copy_chunks=copy_chunks)
+    return Objective(name, loss, value_and_grad=loss.value_and_grad if copy_chunks > 1 else None,
+                     denominator=_count_examples if packed else None, **common)
   raise ValueError(f"objective {name!r}: expected one of {NAMES}")
 
 

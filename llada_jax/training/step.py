@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llada_jax import optim, sharding
+from llada_jax import optim, packed, sharding
 from llada_jax.training.objectives import Objective
 from llada_jax.training.state import TrainState
 
@@ -54,6 +54,9 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *, g
   """
 
   def loss_and_grads(params, batch, key, reference_params):
+    if objective.value_and_grad is not None:
+      return objective.value_and_grad(params, batch, key, reference_params)
+
     def loss(p):
       return objective.loss_fn(p, batch, key, reference_params)
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -64,6 +67,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, *, g
     if grad_accum_steps == 1:
       loss, metrics, grads = loss_and_grads(state.params, batch, key, reference_params)
     else:
+      if objective.denominator is not None:  # packed rows: each micro-batch divides by the step's count
+        batch = packed.with_denominator(batch, objective.denominator(batch), grad_accum_steps)
       micro = split_micro_batches(batch, grad_accum_steps)
 
       def body(carry, inputs):
