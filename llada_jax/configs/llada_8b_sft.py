@@ -5,11 +5,12 @@
 
 Recipe: global batch 256, AdamW (weight decay 0.1), lr 2.5e-5 after 50 warmup steps, constant,
 then linear to 2.5e-6 over the last 10% of steps; 3 epochs. `total_steps` is the paper's 4.5M
-pairs x 3 epochs / 256; for another data set set it to ceil(pairs x 3 / 256) (the run also stops
-when the 3 epochs run out, but the schedule's decay is placed by total_steps).
-Sequences of 4096 tokens (LLaDA's pretraining length; the SFT length is not stated (?)), EOS
-padding counted as answer, bfloat16 compute on float32 weights, full rematerialisation, scanned
-layers. Set `data.train_files`, `data.tokenizer` (the LLaDA tokenizer.json), `checkpoint.init_from`
+pairs x 3 epochs / 256; for another data set set it to ceil(pairs x 3 / (256 x examples per row)).
+Rows of 4096 tokens (LLaDA's pretraining length) packed with several examples each (`data.packing`):
+each example attends only within its own segment, its answer ends with one EOS, and the loss
+averages over examples (docs/method.md, "Packed rows"). `data.global_batch_size` counts rows, so a
+step holds at least 256 examples; `data/examples_per_row` in the metrics gives the rate of your
+data. bfloat16 compute on float32 weights, full rematerialisation, scanned layers. Set `data.train_files`, `data.tokenizer` (the LLaDA tokenizer.json), `checkpoint.init_from`
 (converted LLaDA-8B-Base weights) and `workdir` (gs:// works) on the command line; see launch/README.md.
 """
 
@@ -51,8 +52,12 @@ def get_config(variant: str = "v5p"):
   c.objective = "sft"
   c.total_steps = math.ceil(SFT_PAIRS * SFT_EPOCHS / SFT_BATCH)  # 52,735
   c.data.seq_len = 4096
+  c.data.packing = True
+  c.data.max_segments = 32
   c.data.global_batch_size = SFT_BATCH
-  c.data.num_epochs = SFT_EPOCHS
+  # Packed rows per epoch are known only once packed, and differ between hosts: the data repeats and
+  # total_steps ends the run.
+  c.data.num_epochs = -1
   c.data.chat_template = True
   c.data.on_too_long = "skip"  # a few over-long dialogues should not stop a 4.5M-pair run
   c.diffusion.prompt_drop_prob = 0.0

@@ -82,9 +82,11 @@ def abstract_batch(config, batch_sh, *, reference_elbos: bool = False):
   from llada_jax.data import pipelines  # noqa: PLC0415
 
   b = config.data.global_batch_size
-  spec = pipelines.batch_spec(objectives.data_kind(config.objective), b, config.data.seq_len)
+  spec = pipelines.batch_spec(objectives.data_kind(config.objective), b, config.data.seq_len,
+                              packed=bool(config.data.packing), max_segments=config.data.max_segments)
   if reference_elbos:
-    spec.update({k: ((b,), np.dtype(np.float32)) for k in ("reference_chosen_elbo", "reference_rejected_elbo")})
+    shape = (b, config.data.max_segments) if config.data.packing else (b,)
+    spec.update({k: (shape, np.dtype(np.float32)) for k in ("reference_chosen_elbo", "reference_rejected_elbo")})
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in spec.items()}
 
 
@@ -159,11 +161,13 @@ def make_plan(config, *, devices=None, accelerators: Sequence[str] = ("v5p", "h1
     raise ValueError(f"--accelerator={','.join(unknown)}: expected some of {sorted(ACCELERATORS)}")
   devices = list(devices if devices is not None else jax.devices())
   notes = []
-  if config.model.attention_impl == "cudnn" and devices[0].platform != "gpu":
+  kernel_platform = {"cudnn": "gpu", "splash": "tpu"}.get(config.model.attention_impl)
+  if kernel_platform is not None and devices[0].platform != kernel_platform:
+    impl = config.model.attention_impl
     config = config.copy_and_resolve_references()
     config.model.attention_impl = "xla"
-    notes.append("attention_impl 'cudnn' planned as 'xla' (no cuDNN here); cuDNN's fused attention needs less "
-                 "temporary memory, so the estimate is an upper bound")
+    notes.append(f"attention_impl {impl!r} planned as 'xla' (its fused kernel needs a {kernel_platform.upper()}); "
+                 "the fused kernel holds no [q, k] score matrix, so the estimate is an upper bound")
   slices = int(config.mesh.get("dcn_data", 1) or 1)
   if slices > 1 and devices[0].platform == "cpu":
     # CPU devices belong to no slice; data parallelism across slices is the outer part of `data`.
