@@ -113,3 +113,29 @@ def test_packed_chunked_vrpo_run_from_packed_sft_resumes_exactly(corpus, packed_
                                                        "checkpoint.init_from": str(root / "straight" / "checkpoints")})
   check_data_metrics(result, tmp_path / "straight")
   assert all(np.isfinite(r["loss"]) and "preference_loss" in r for r in result.metrics if "loss" in r)
+
+
+# (id, config overrides, expected message): packing and chunking settings a run refuses before it starts.
+BAD_CONFIGS = [
+    ("zero_max_segments", {"data.max_segments": 0}, r"config\.data\.max_segments=0: expected a positive integer"),
+    ("negative_bins", {"data.packing_bins": -1}, r"config\.data\.packing_bins=-1: expected an integer >= 0"),
+    ("chunks_not_dividing_n", {"vrpo.copy_chunks": 3}, r"config\.vrpo\.copy_chunks=3: expected a divisor of the "
+                                                        r"budget n = 2"),
+    ("zero_chunks", {"vrpo.copy_chunks": 0}, r"config\.vrpo\.copy_chunks=0"),
+    ("random_length_with_packing", {"objective": "pretrain", "data.packing": True,
+                                    "diffusion.random_length_prob": 0.01},
+     r"config\.diffusion\.random_length_prob=0\.01: expected 0 with data\.packing=True"),
+    ("precomputed_reference_with_packing", {"data.packing": True, "vrpo.precompute_reference": True},
+     r"config\.vrpo\.precompute_reference=True: expected False with data\.packing=True"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_packing_configs_are_refused_with_the_field(corpus, tmp_path, case):
+  from llada_jax import configs  # noqa: PLC0415
+
+  _, overrides, pattern = case
+  overrides = dict(overrides)
+  config = train_fixtures.make_config(corpus, tmp_path, overrides.pop("objective", "vrpo"), **overrides)
+  with pytest.raises(ValueError, match=pattern):
+    configs.validate(config)

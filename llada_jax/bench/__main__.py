@@ -1,6 +1,6 @@
 """Benchmarks: wall time and derived rates of the framework's hot paths, as a table and JSON.
 
-  python -m llada_jax.bench [--only ceiling,train_step,elbo,sampling] [--size demo,ref35m] \\
+  python -m llada_jax.bench [--only ceiling,train_step,packing,elbo,sampling] [--size demo,ref35m] \\
       [--dtype float32,bfloat16] [--model PRESET | --checkpoint RUN_DIR] [--model.FIELD=VALUE ...] \\
       [--repeats 5] [--warmup 1] [--output bench.json]
 
@@ -13,13 +13,18 @@ Sections (`--only a,b`, run in that order; default: all, ceiling first) each tim
               or precomputed: tokens/s, achieved FLOP/s (llada_jax.metrics' analytic count), MFU
               against the measured ceiling of the same dtype (also as `MFU 6N`, counting the
               embedding like the reference PyTorch figures do), peak memory of the compiled step.
+  packing     SFT and VRPO steps on a long-tailed length mix, one example per row against the same
+              examples packed into rows (`data.packing`): useful (non-padding) tokens/s, padding
+              fraction, examples per step, packed/padded; and the packed VRPO step at each
+              `vrpo.copy_chunks` x `model.remat` (`--packing_chunks`, `--packing_remat`): step time
+              and peak memory of the compiled step.
   elbo        likelihood scoring (llada_jax.eval.likelihood): sequences/s at each mc_num.
   sampling    every sampler variant (exact, prefix, dual, threshold, dual+threshold) at the given
               sizes: generated tokens/s, seconds per call, forward passes, speed-up vs exact; with a
               checkpoint and `--task_data`, also each variant's accuracy on the demo task.
 
-train_step and elbo run at the named `--size`s (a model preset and the sequence length and batch
-it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
+train_step, packing and elbo run at the named `--size`s (a model preset and the sequence length and
+batch it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
 llada_jax.configs.models with random weights (`--model`, default `reference` = `ref35m`: the size of
 the reference PyTorch figures, d_model 512, 8 layers, 8 heads, MLP 1536, vocab 8192). `--model.FIELD`
 overrides apply to every model. Every timed call blocks on its output; the first `--warmup` calls
@@ -40,10 +45,10 @@ from absl import flags
 from llada_jax import cli
 from llada_jax.bench import core
 # Each section registers itself and defines its flags on import; this is the order they are listed in.
-from llada_jax.bench import ceiling, train_step, elbo, sampling  # noqa: F401
+from llada_jax.bench import ceiling, train_step, packing, elbo, sampling  # noqa: F401
 
 # The ceiling first: the sections after it compute MFU against its measurements.
-DEFAULT_ORDER = ("ceiling", "train_step", "elbo", "sampling")
+DEFAULT_ORDER = ("ceiling", "train_step", "packing", "elbo", "sampling")
 _HELP = ("-h", "--help", "--helpfull", "--helpshort")
 
 _ORDER = [name for name in DEFAULT_ORDER if name in core.SECTIONS] + [

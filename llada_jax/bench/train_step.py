@@ -55,7 +55,7 @@ def grad_accum_steps(args, objective: str, size: sizes.Size, n: int, shards: int
   return fitting[-1] if fitting else 1
 
 
-def _train_config(objective: str, cfg: model_lib.ModelConfig, size: sizes.Size, args, n: int, precomputed: bool,
+def train_config(objective: str, cfg: model_lib.ModelConfig, size: sizes.Size, args, n: int, precomputed: bool,
                   accum: int = 1):
   config = configs.base_config()
   config.workdir = "unused-by-bench"  # nothing is written; validation wants one
@@ -117,7 +117,7 @@ def _variants(args) -> list[tuple[str, int, str]]:
   return out
 
 
-def _compile(jitted, *example_args):
+def compile_step(jitted, *example_args):
   start = time.perf_counter()
   compiled = jitted.lower(*example_args).compile(compiler_options=COMPILER_OPTIONS)
   seconds = time.perf_counter() - start
@@ -140,7 +140,7 @@ def _check_train_step(args: types.SimpleNamespace) -> None:
   sizes.check_sizes(args)
 
 
-def _time_steps(compiled, state, batch, root_key, reference_params, args):
+def time_steps(compiled, state, batch, root_key, reference_params, args):
   """(timed seconds, warm-up seconds, last metrics) of consecutive steps, each fed the last one's state."""
   holder = [state]
 
@@ -152,7 +152,7 @@ def _time_steps(compiled, state, batch, root_key, reference_params, args):
   return times, warm, step_metrics
 
 
-def _micro_batches(args, objective_name: str, size_name: str, n: int) -> int:
+def micro_batches(args, objective_name: str, size_name: str, n: int) -> int:
   """Micro-batches of one step, checked to split the batch over the default mesh's batch shards."""
   from llada_jax import sharding  # noqa: PLC0415
 
@@ -188,8 +188,8 @@ def _time_variant(ctx: core.Context, size_name: str, dtype: str, cfg: model_lib.
   from llada_jax.training import build as build_lib  # noqa: PLC0415
 
   args, size = ctx.args, sizes.SIZES[size_name]
-  accum = _micro_batches(args, objective_name, size_name, n)
-  program = build_lib.build(_train_config(objective_name, cfg, size, args, n, reference == "precomputed", accum))
+  accum = micro_batches(args, objective_name, size_name, n)
+  program = build_lib.build(train_config(objective_name, cfg, size, args, n, reference == "precomputed", accum))
   objective = program.objective
   state = program.create_state(jax.random.key(args.seed))
   local = _train_batch(objective_name, cfg, size, args.seed)
@@ -204,8 +204,8 @@ def _time_variant(ctx: core.Context, size_name: str, dtype: str, cfg: model_lib.
     local, extra["reference_precompute_s"] = _precompute_reference(program, accum, reference_params, local, root_key)
     reference_params = None  # the step never sees them
   batch = sharding.global_batch(local, program.batch_sharding)
-  compiled, compile_s, memory = _compile(program.step, state, batch, root_key, reference_params)
-  times, warm, step_metrics = _time_steps(compiled, state, batch, root_key, reference_params, args)
+  compiled, compile_s, memory = compile_step(program.step, state, batch, root_key, reference_params)
+  times, warm, step_metrics = time_steps(compiled, state, batch, root_key, reference_params, args)
   state = reference_params = None  # donated, or no longer needed: free before the next variant
   settings = {"size": size_name, "dtype": dtype, "objective": objective_name, "n": n if objective_name == "vrpo"
               else None, "reference": None if reference == "-" else reference, "seq_len": size.seq_len,

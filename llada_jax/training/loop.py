@@ -98,7 +98,7 @@ def _resume(config, program, manager, data_iterator):
 
 
 # Model fields that change numerics or speed, not what the saved arrays are: a resume may change them.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl")
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "attention_interpret")
 
 
 def check_same_run(config, saved: dict, where: str) -> None:
@@ -113,7 +113,7 @@ def check_same_run(config, saved: dict, where: str) -> None:
   for field, value in current["model"].items():
     if field not in _RESUMABLE_MODEL_FIELDS and saved.get("model", {}).get(field, value) != value:
       changed.append(f"model.{field} {saved['model'][field]!r} -> {value!r}")
-  for field in ("seq_len", "global_batch_size"):
+  for field in ("seq_len", "global_batch_size", "packing", "max_segments"):  # the batch's shapes
     old = saved.get("data", {}).get(field, current["data"][field])
     if old != current["data"][field]:
       changed.append(f"data.{field} {old!r} -> {current['data'][field]!r}")
