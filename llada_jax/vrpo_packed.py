@@ -126,6 +126,15 @@ class PackedVRPOLoss:
     total, _ = jax.lax.scan(body, first, jnp.arange(1, self.copy_chunks))
     return total
 
+  def reference_elbos(self, reference_params, batch, key):
+    """B_ref(y_w), B_ref(y_l) per pair ([R, K], or [B] for an unpacked batch), on the step's own masks."""
+    was_packed = "chosen_segment_ids" in batch
+    batch = packed.preference_as_packed(batch)
+    policy_masks = self.masks(batch, key, (vrpo._CHOSEN, vrpo._REJECTED))
+    reference = self._online_reference(batch, key, reference_params, policy_masks, chunked=self.copy_chunks > 1)
+    chosen, rejected = jnp.split(reference, 2)
+    return (chosen, rejected) if was_packed else (chosen[:, 0], rejected[:, 0])
+
   def __call__(self, params, batch, key, reference_params=None):
     """The one-shot loss: every noised copy in one forward (and backward) pass."""
     batch = packed.preference_as_packed(batch)

@@ -12,7 +12,7 @@ import pytest
 
 from llada_jax import sampling
 from llada_jax.bench import __main__ as bench_cli
-from llada_jax.bench import ceiling, core, elbo, sizes, train_step
+from llada_jax.bench import ceiling, core, elbo, packing, sizes, train_step
 from llada_jax.bench import sampling as sampling_section
 from llada_jax.data import demo_task, tokenizer as tokenizer_lib
 
@@ -303,6 +303,7 @@ def test_cli_report_holds_the_ceilings(tmp_path, cheap_steps):
     (["--batch_sizes", "1,a"], "--batch_sizes=1,a: expected comma-separated integers"),
     (["--nope", "1"], "Unknown command line flag 'nope'"),
     (["ceiling"], "unexpected arguments: ceiling"),
+    (["--packing_remat", "some"], "--packing_remat=some"),
 ])
 def test_bad_sizes_are_usage_errors(argv, message, capsys):
   assert bench_cli.main(argv) == 2
@@ -314,6 +315,9 @@ def test_bad_sizes_are_usage_errors(argv, message, capsys):
     (["--only", "train_step", "--size", "tiny", "--reference", "cached"], "--reference=cached"),
     (["--only", "train_step", "--size", "tiny", "--vrpo_n", "0"], "--vrpo_n=[0]"),
     (["--only", "elbo", "--size", "tiny", "--mc_num", "12", "--elbo_batch_size", "8"], "mc_num=12"),
+    (["--only", "packing", "--size", "tiny", "--packing_vrpo_n", "4", "--packing_chunks", "1,3"],
+     "--packing_chunks=1,3: expected divisors of --packing_vrpo_n=4"),
+    (["--only", "packing", "--size", "tiny", "--packing_batches", "0"], "--packing_batches=0"),
 ])
 def test_bad_section_flags_fail_with_a_message(argv, message, capsys):
   assert bench_cli.main(argv) == 1
@@ -329,3 +333,42 @@ def test_rates_against_a_known_device_peak(monkeypatch):
   assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 5e11)
   assert r["mfu_datasheet"] == pytest.approx(r["achieved_flops_per_s"] / 1e12)
   assert ceiling.rates(6e11, 2.0, 5e11, "float32")["mfu_datasheet"] is None
+
+
+def test_packing_rows(cheap_steps):
+  argv = ["--only", "packing", "--size", "tiny", "--dtype", "float32", "--repeats", "1", "--warmup", "0",
+          "--packing_vrpo_n", "2", "--packing_chunks", "1,2", "--packing_remat", "none"]
+  results = packing.bench_packing(core.Context(bench_cli.parse_args(argv)))
+  rows = {r.name: r for r in results}
+  assert list(rows) == ["tiny/float32/sft/padded", "tiny/float32/sft/packed", "tiny/float32/vrpo/padded/n2/c1/none",
+                        "tiny/float32/vrpo/packed/n2/c1/none", "tiny/float32/vrpo/packed/n2/c2/none"]
+  b, l = 8, 16
+  for objective, suffix in (("sft", ""), ("vrpo", "/n2/c1/none")):
+    padded, packed = rows[f"tiny/float32/{objective}/padded{suffix}"], rows[f"tiny/float32/{objective}/packed{suffix}"]
+    for r in (padded, packed):
+      m = r.metrics
+      assert len(r.times_s) == 1 and not r.warmup_s and np.isfinite(m["loss"])
+      assert 0 <= m["padding_fraction"] <= 1
+      positions = b * l * (2 if objective == "vrpo" else 1)  # VRPO: chosen and rejected rows
+      assert m["useful_tokens_per_step"] == pytest.approx((1 - m["padding_fraction"]) * positions)
+      assert m["useful_tokens_per_s"] == pytest.approx(m["useful_tokens_per_step"] / r.median_s)
+    assert padded.metrics["examples_per_step"] == b < packed.metrics["examples_per_step"]
+    assert packed.metrics["padding_fraction"] < padded.metrics["padding_fraction"]
+    assert packed.metrics["useful_tokens_per_step"] > padded.metrics["useful_tokens_per_step"]
+    ratio = packed.metrics["useful_tokens_per_s"] / padded.metrics["useful_tokens_per_s"]
+    assert packed.metrics["useful_vs_padded"] == pytest.approx(ratio) and padded.metrics["useful_vs_padded"] == 1
+  chunked = rows["tiny/float32/vrpo/packed/n2/c2/none"]
+  assert chunked.settings["copy_chunks"] == 2 and chunked.metrics["peak_gb"] > 0
+  assert "useful_vs_padded" not in chunked.metrics
+  assert "useful tok/s" in core.format_table("packing", results)
+
+
+def test_packing_length_mix():
+  import math  # noqa: PLC0415
+
+  prompts, answers = packing.sample_lengths(np.random.default_rng(0), 256, 20000, answers=2)
+  assert prompts.min() == 8 and prompts.max() == 32  # uniform in [L / 32, L / 8]
+  assert answers.min() >= 1 and (prompts + answers + 1 <= 256).all()  # clipped to fit with the EOS
+  assert np.median(answers) == pytest.approx(64, rel=0.05)  # log-normal, median L / 4
+  assert np.std(np.log(answers[answers < 200])) == pytest.approx(0.8, rel=0.15)
+  assert math.isclose(np.corrcoef(answers)[0, 1], 0, abs_tol=0.05)  # chosen and rejected independent

@@ -125,8 +125,6 @@ BAD_CONFIGS = [
     ("random_length_with_packing", {"objective": "pretrain", "data.packing": True,
                                     "diffusion.random_length_prob": 0.01},
      r"config\.diffusion\.random_length_prob=0\.01: expected 0 with data\.packing=True"),
-    ("precomputed_reference_with_packing", {"data.packing": True, "vrpo.precompute_reference": True},
-     r"config\.vrpo\.precompute_reference=True: expected False with data\.packing=True"),
 ]
 
 

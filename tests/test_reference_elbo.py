@@ -39,8 +39,8 @@ BATCH_IDS = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [3, 16, 1
 class Setup:
   """Online and precomputed VRPO objectives on one sharded tiny model, a policy and a reference."""
 
-  def __init__(self, corpus, tmp_path, objective="vrpo"):
-    config = train_fixtures.make_config(corpus, tmp_path, objective)
+  def __init__(self, corpus, tmp_path, objective="vrpo", packing=False):
+    config = train_fixtures.make_config(corpus, tmp_path, objective, **{"data.packing": packing})
     # Adam made linear in the gradient (eps >> sqrt(v)): parameters then compare gradients.
     config.optimizer.warmup_steps, config.optimizer.eps, config.optimizer.lr = 0, 1.0, 1.0
     self.config = config
@@ -315,3 +315,25 @@ def test_run_with_precomputed_reference_matches_online(corpus, tmp_path, weights
   resumed = loop.run(config)
   assert resumed.final_step == 3
   _leaves_close(jax.device_get(online.state.params), jax.device_get(resumed.state.params))
+
+
+def test_packed_precomputed_steps_equal_online_steps(corpus, tmp_path):
+  """Packed row pairs: the table is keyed per pair (empty slots skipped) and fills [rows, K] batches."""
+  from tests.test_packed_training import packed_batch  # noqa: PLC0415
+
+  packed_setup = Setup(corpus, tmp_path, packing=True)
+  batches = [packed_batch("vrpo", packed_setup.model_cfg.vocab_size, seed=s) for s in range(2)]
+  table = packed_setup.table(batches)
+  assert len(table) == sum(int((b["example_id"] >= 0).sum()) for b in batches)
+  online_step, pre_step = packed_setup.step_fn(packed_setup.online), packed_setup.step_fn(packed_setup.precomputed)
+  online, pre = packed_setup.state(), packed_setup.state()
+  for step, batch in enumerate(batches):
+    with_reference = table.attach(batch, step)
+    assert with_reference[reference_elbo.REFERENCE_CHOSEN].shape == batch["example_id"].shape
+    online, m_online = online_step(online, packed_setup.global_batch(batch), packed_setup.root_key,
+                                   packed_setup.reference)
+    pre, m_pre = pre_step(pre, packed_setup.global_batch(with_reference), packed_setup.root_key, None)
+    m_online, m_pre = jax.device_get((m_online, m_pre))
+    for name in ("loss", "preference_loss", "score", "grad_norm"):
+      assert m_pre[name] == pytest.approx(m_online[name], rel=1e-5, abs=1e-6), (step, name)
+    _leaves_close(jax.device_get(online.params), jax.device_get(pre.params))

@@ -152,8 +152,6 @@ def _validate_packing(config, fail) -> None:
     return
   if config.objective == "pretrain" and config.diffusion.random_length_prob > 0:
     fail("diffusion.random_length_prob", "0 with data.packing=True (packed documents already come in every length)")
-  if config.vrpo.precompute_reference and config.objective in ("vrpo", "naive_dpo"):
-    fail("vrpo.precompute_reference", "False with data.packing=True (the precomputed table is per unpacked pair)")
 
 
 def _validate_vrpo(config, fail) -> None:

@@ -128,8 +128,11 @@ def check_same_run(config, saved: dict, where: str) -> None:
 
 def reference_table_metadata(config, objective: objectives.Objective) -> dict[str, Any]:
   """What a run's precomputed reference ELBOs depend on, read from its config."""
-  data = {k: config.data[k] for k in ("train_files", "tokenizer", "seq_len", "global_batch_size", "shuffle",
-                                      "num_epochs", "chat_template", "on_too_long", "seed")}
+  fields = ("train_files", "tokenizer", "seq_len", "global_batch_size", "shuffle", "num_epochs", "chat_template",
+            "on_too_long", "seed")
+  if config.data.packing:  # which pairs share a step; left out unpacked, so earlier tables stay valid
+    fields += ("packing", "max_segments", "packing_bins")
+  data = {k: config.data[k] for k in fields}
   return reference_elbo.run_metadata(
       seed=config.seed, vrpo_config=objective.vrpo_config, reference_from=_reference_source(config),
       reference_step=config.checkpoint.init_step, model=config.model.to_dict(), data=data)

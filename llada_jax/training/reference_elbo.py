@@ -34,12 +34,13 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from llada_jax import sharding, vrpo
+from llada_jax import sharding, vrpo, vrpo_packed
 from llada_jax.training import objectives, step as step_lib
 
 REFERENCE_CHOSEN = "reference_chosen_elbo"
 REFERENCE_REJECTED = "reference_rejected_elbo"
 PAIR_KEYS = ("chosen", "rejected", "prompt_lengths", "chosen_lengths", "rejected_lengths", "example_id")
+PACKED_PAIR_KEYS = ("chosen", "rejected", "chosen_segment_ids", "rejected_segment_ids", "prompt_lengths", "example_id")
 FORMAT = 1
 DEFAULT_FILENAME = "reference_elbos.npz"
 # Model fields that change speed or memory, not the values: a table stays valid across them.
@@ -81,8 +82,20 @@ class ReferenceELBOs:
     return len(self._sorted_codes)
 
   def lookup(self, step: int, example_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) float32 for the given examples of `step`."""
-    ids = np.asarray(example_ids).reshape(-1)
+    """(chosen, rejected) float32 for the given examples of `step`, shaped like `example_ids`; empty slots
+    of packed rows (id -1) get 0."""
+    shape = np.shape(example_ids)
+    all_ids = np.asarray(example_ids).reshape(-1)
+    valid = all_ids >= 0
+    chosen, rejected = self._lookup_valid(step, all_ids[valid])
+    out = []
+    for values in (chosen, rejected):
+      full = np.zeros(all_ids.shape, np.float32)
+      full[valid] = values
+      out.append(full.reshape(shape))
+    return out[0], out[1]
+
+  def _lookup_valid(self, step: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     want = _codes(np.full(ids.shape, step), ids)
     at = np.minimum(np.searchsorted(self._sorted_codes, want), max(len(self._sorted_codes) - 1, 0))
     found = self._sorted_codes[at] == want if len(self._sorted_codes) else np.zeros(ids.shape, bool)
@@ -142,7 +155,7 @@ def reference_elbo_fn(loss: vrpo.VRPOLoss, *, micro_batches: int = 1) -> Callabl
     micro = step_lib.split_micro_batches(batch, micro_batches)
     chosen, rejected = jax.lax.map(lambda mb: loss.reference_elbos(reference_params, mb, key), micro)
     # Undo the split: micro-batch a held rows a, a + n, a + 2n, ...
-    return tuple(jnp.swapaxes(x, 0, 1).reshape(-1) for x in (chosen, rejected))
+    return tuple(jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]) for x in (chosen, rejected))
 
   return fn
 
@@ -167,8 +180,8 @@ def compute(loss: vrpo.VRPOLoss, reference_params, batches: Iterable[Mapping[str
   """
   if isinstance(loss, objectives.Objective):
     loss = loss.loss_fn
-  if not isinstance(loss, vrpo.VRPOLoss):
-    raise ValueError(f"reference ELBOs: expected a vrpo.VRPOLoss, got {type(loss).__name__}")
+  if not isinstance(loss, (vrpo.VRPOLoss, vrpo_packed.PackedVRPOLoss)):
+    raise ValueError(f"reference ELBOs: expected a VRPO loss, got {type(loss).__name__}")
   replicated = sharding.replicated(batch_sharding.mesh)
   fn = reference_elbo_fn(loss, micro_batches=micro_batches)
   if rules is not None:
@@ -186,13 +199,15 @@ def compute(loss: vrpo.VRPOLoss, reference_params, batches: Iterable[Mapping[str
     except StopIteration:
       exhausted = True
       break
-    batch = sharding.global_batch({k: local[k] for k in PAIR_KEYS}, batch_sharding)
+    keys = PACKED_PAIR_KEYS if "chosen_segment_ids" in local else PAIR_KEYS
+    batch = sharding.global_batch({k: local[k] for k in keys}, batch_sharding)
     c, r = fn(reference_params, batch, root_key, jnp.int32(step))
-    batch_ids = _gather(batch["example_id"])
-    ids.append(batch_ids.astype(np.int64))
-    steps.append(np.full(batch_ids.shape, step, np.int64))
-    chosen.append(_gather(c))
-    rejected.append(_gather(r))
+    batch_ids = _gather(batch["example_id"]).reshape(-1)
+    real = batch_ids >= 0  # packed rows' empty slots have none
+    ids.append(batch_ids[real].astype(np.int64))
+    steps.append(np.full(int(real.sum()), step, np.int64))
+    chosen.append(_gather(c).reshape(-1)[real])
+    rejected.append(_gather(r).reshape(-1)[real])
     if (step + 1) % 100 == 0:
       logging.info("Reference ELBOs: %d of %d steps (%.0f s)", step + 1, num_steps, time.perf_counter() - start)
   done = len(steps)
