@@ -17,16 +17,15 @@ samplers call the same functions on the parameter tree directly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from llada_jax import attention as attention_lib
+from llada_jax import attention as attention_lib, lora as lora_lib
+from llada_jax.matmul import BATCHED_MATMUL, MATMUL, contract
 from llada_jax.attention import AttentionMasks, attention_mask  # noqa: F401 - attention_mask: also model's API
 
 Array = jax.Array
@@ -34,12 +33,11 @@ Array = jax.Array
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Names `contract` gives its outputs: the model's matmuls run inside a custom_vjp, where the
 # dot_general-based policies of jax.checkpoint_policies cannot see them.
-_MATMUL, _BATCHED_MATMUL = "matmul", "batched_matmul"
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names(_MATMUL),  # projections, not attention
-    "dots_saveable": jax.checkpoint_policies.save_only_these_names(_MATMUL, _BATCHED_MATMUL),
+    "dots": jax.checkpoint_policies.save_only_these_names(MATMUL),  # projections, not attention
+    "dots_saveable": jax.checkpoint_policies.save_only_these_names(MATMUL, BATCHED_MATMUL),
 }
 _ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")
 
@@ -71,6 +69,11 @@ class ModelConfig:
   attention_impl: str = "auto"
   # Runs the splash kernel through the Pallas interpreter, which any backend can (slowly): for tests.
   attention_interpret: bool = False
+  # LoRA adapters (llada_jax.lora): rank 0 = none; alpha / rank scales the adapters' term.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = lora_lib.TARGETS
+  lora_base_dtype: str = ""  # the frozen base's storage dtype ("": param_dtype; "bfloat16" halves it)
 
   def __post_init__(self):
     def fail(field, expected):
@@ -92,6 +95,15 @@ class ModelConfig:
       fail("remat", f"one of {sorted(_REMAT_POLICIES)}")
     if self.attention_impl not in _ATTENTION_IMPLS:
       fail("attention_impl", f"one of {_ATTENTION_IMPLS}")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # saved configs give lists
+    if self.lora_base_dtype not in ("", *_DTYPES):
+      fail("lora_base_dtype", f"'' (param_dtype) or one of {tuple(_DTYPES)}")
+    if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+      fail("lora_rank", "an integer >= 0 (0: no adapters)")
+    if self.lora_rank and not (self.lora_alpha > 0 and self.lora_targets
+                               and set(self.lora_targets) <= set(lora_lib.TARGETS)):
+      fail("lora_targets" if self.lora_alpha > 0 else "lora_alpha",
+           f"a positive alpha and a non-empty subset of {lora_lib.TARGETS}")
     if not isinstance(self.attention_interpret, bool):
       fail("attention_interpret", "True or False")
     for field in ("mask_token_id", "eos_token_id", "bos_token_id"):
@@ -193,46 +205,6 @@ def _constrain(x: Array, axes) -> Array:
 # piece of math is written once so the two paths cannot drift apart.
 
 
-def contract(spec: str, x: Array, y: Array, out_dtype) -> Array:
-  """`einsum(spec, x, y)` accumulated in float32 and cast to `out_dtype`, gradients likewise.
-
-  Every matmul of the model goes through here. Both gradients are computed as einsums of the same
-  form with the cotangent cast to the operands' (compute) dtype: a bfloat16 model's backward
-  matmuls then run as bfloat16 matmuls with float32 accumulation, where the default rules would
-  give float32 x bfloat16 or bfloat16-output products, which XLA:CPU runs as float32 matmuls with
-  converted copies of the operands. The explicit forms also measured faster in float32 on CPU
-  than the default transposition of `einsum` (docs/benchmarks.md). Each index of
-  `spec` must appear in the output or in both operands. The output is named for the remat policies: a
-  matmul with batch dimensions (indices in both operands and the output: attention) or without.
-  """
-  operands, out = spec.split("->")
-  xs, ys = operands.split(",")
-  batched = any(i in ys and i in out for i in xs)
-  return checkpoint_name(_contract(spec, x, y, out_dtype), _BATCHED_MATMUL if batched else _MATMUL)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _contract(spec, x, y, out_dtype):
-  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-def _contract_fwd(spec, x, y, out_dtype):
-  return _contract(spec, x, y, out_dtype), (x, y)
-
-
-def _contract_bwd(spec, out_dtype, residuals, g):
-  x, y = residuals
-  operands, out = spec.split("->")
-  xs, ys = operands.split(",")
-  g = g.astype(x.dtype)
-  dx = jnp.einsum(f"{out},{ys}->{xs}", g, y, preferred_element_type=jnp.float32).astype(x.dtype)
-  dy = jnp.einsum(f"{xs},{out}->{ys}", x, g, preferred_element_type=jnp.float32).astype(y.dtype)
-  return dx, dy
-
-
-_contract.defvjp(_contract_fwd, _contract_bwd)
-
-
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
   """float32 (sin, cos) of shape [batch, length, head_dim] for half-split rotary embedding."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -285,7 +257,7 @@ def _qkv(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array, rope) -> tuple[
   cdt = cfg.compute_dtype
   x = x_btd.astype(cdt)
   axes = ("batch", "length", "heads", "head_dim")
-  q, k, v = (_constrain(contract("btd,dhk->bthk", x, p[name].astype(cdt), cdt), axes)
+  q, k, v = (_constrain(lora_lib.project(cfg, p, name, "btd,dhk->bthk", x, cdt), axes)
              for name in ("q_proj", "k_proj", "v_proj"))
   sin, cos = rope
   return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
@@ -321,17 +293,17 @@ def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, masks: AttentionM
         q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
   out = _constrain(out, ("batch", "length", "heads", "head_dim"))
   cdt = cfg.compute_dtype
-  return contract("bthk,hkd->btd", out.astype(cdt), p["attn_out"].astype(cdt), cdt)
+  return lora_lib.project(cfg, p, "attn_out", "bthk,hkd->btd", out.astype(cdt), cdt)
 
 
 def _swiglu(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array) -> Array:
   """ff_out(silu(ff_proj(x)) * up_proj(x))."""
   cdt = cfg.compute_dtype
   x = x_btd.astype(cdt)
-  gate = contract("btd,dm->btm", x, p["ff_proj"].astype(cdt), cdt)
-  up = contract("btd,dm->btm", x, p["up_proj"].astype(cdt), cdt)
+  gate = lora_lib.project(cfg, p, "ff_proj", "btd,dm->btm", x, cdt)
+  up = lora_lib.project(cfg, p, "up_proj", "btd,dm->btm", x, cdt)
   hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-  return contract("btm,md->btd", hidden, p["ff_out"].astype(cdt), cdt)
+  return lora_lib.project(cfg, p, "ff_out", "btm,md->btd", hidden, cdt)
 
 
 def _head(cfg: ModelConfig, x_btd: Array, w_head: Array) -> Array:
@@ -367,6 +339,9 @@ class Attention(nn.Module):
          for name, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.kv_heads), ("v_proj", cfg.kv_heads))}
     p["attn_out"] = _param(self, "attn_out", _depth_scaled_trunc_normal(std), (cfg.n_heads, hd, d),
                            ("heads", "head_dim", "embed"), pdt, layer_index)
+    for name, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.kv_heads), ("v_proj", cfg.kv_heads)):
+      lora_lib.declare(self, cfg, p, name, (d,), ("embed",), (heads, hd), ("heads", "head_dim"), pdt)
+    lora_lib.declare(self, cfg, p, "attn_out", (cfg.n_heads, hd), ("heads", "head_dim"), (d,), ("embed",), pdt)
     return _attend(cfg, p, *_qkv(cfg, p, x_btd, rope), masks)
 
 
@@ -383,6 +358,10 @@ class MLP(nn.Module):
         "ff_out": _param(self, "ff_out", _depth_scaled_trunc_normal(1 / math.sqrt(m)), (m, d), ("mlp", "embed"),
                          pdt, layer_index),
     }
+    for name, (n_in, in_axis, n_out, out_axis) in (("ff_proj", (d, "embed", m, "mlp")),
+                                                   ("up_proj", (d, "embed", m, "mlp")),
+                                                   ("ff_out", (m, "mlp", d, "embed"))):
+      lora_lib.declare(self, cfg, p, name, (n_in,), (in_axis,), (n_out,), (out_axis,), pdt)
     return _swiglu(cfg, p, x_btd)
 
 

@@ -30,6 +30,7 @@ DEFAULT_RULES = (
     ("length", None),
     ("head_dim", None),
     ("layers", None),
+    ("lora", None),  # LoRA ranks are small: adapters shard along their kernel's other axes only
 )
 
 

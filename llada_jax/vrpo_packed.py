@@ -148,13 +148,16 @@ class PackedVRPOLoss:
     metrics["loss"] = loss
     return loss, metrics
 
-  def value_and_grad(self, params, batch, key, reference_params=None):
-    """(loss, metrics, grads) equal to `jax.value_and_grad(self)`, the copies run in `copy_chunks` groups."""
+  def value_and_grad(self, params, batch, key, reference_params=None, to_params=None):
+    """(loss, metrics, grads) equal to `jax.value_and_grad(self)`, the copies run in `copy_chunks` groups.
+
+    `to_params` maps the differentiated `params` to the model's (LoRA: the adapters onto the base)."""
     cfg, n = self.config, self.config.elbo.n_samples
+    to_params = to_params or (lambda p: p)
     batch = packed.preference_as_packed(batch)
     policy_masks = self.masks(batch, key, (vrpo._CHOSEN, vrpo._REJECTED))
     reference = self._online_reference(batch, key, reference_params, policy_masks, chunked=True)
-    frozen = jax.lax.stop_gradient(params)
+    frozen = to_params(jax.lax.stop_gradient(params))
     policy_sums = self._chunk_sum(lambda i: self._terms(frozen, batch, *policy_masks, i))
     loss, metrics, score, valid, denom = self._finish(batch, policy_sums, reference)
     # d(preference loss)/d(summed terms of a side): -sigmoid(-score) beta / n over the step's pairs.
@@ -162,12 +165,12 @@ class PackedVRPOLoss:
     d_sums = jax.lax.stop_gradient(jnp.concatenate([d_chosen, -d_chosen]))
 
     def chunk_grads(grads, i):
-      g = jax.grad(lambda p: (d_sums * self._terms(p, batch, *policy_masks, i)).sum())(params)
+      g = jax.grad(lambda p: (d_sums * self._terms(to_params(p), batch, *policy_masks, i)).sum())(params)
       return jax.tree_util.tree_map(jnp.add, grads, g), None
 
     grads, _ = jax.lax.scan(chunk_grads, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.arange(self.copy_chunks))
     if cfg.sft_weight:
-      sft, sft_grads = jax.value_and_grad(self._sft)(params, batch, key)
+      sft, sft_grads = jax.value_and_grad(lambda p: self._sft(to_params(p), batch, key))(params)
       metrics["sft_loss"] = sft
       loss = loss + cfg.sft_weight * sft
       grads = jax.tree_util.tree_map(lambda g, s: g + cfg.sft_weight * s, grads, sft_grads)

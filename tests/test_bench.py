@@ -360,6 +360,9 @@ def test_packing_rows(cheap_steps):
   chunked = rows["tiny/float32/vrpo/packed/n2/c2/none"]
   assert chunked.settings["copy_chunks"] == 2 and chunked.metrics["peak_gb"] > 0
   assert "useful_vs_padded" not in chunked.metrics
+  unchunked = rows["tiny/float32/vrpo/packed/n2/c1/none"]
+  assert chunked.metrics["time_vs_unchunked"] == pytest.approx(chunked.median_s / unchunked.median_s)
+  assert unchunked.metrics["time_vs_unchunked"] == 1
   assert "useful tok/s" in core.format_table("packing", results)
 
 

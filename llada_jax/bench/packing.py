@@ -198,8 +198,27 @@ def _variants(args) -> list[tuple[str, str, int, str]]:
   return out
 
 
+class Weights:
+  """Random weights per model config, made once and copied into each step's (donated) state; the VRPO
+  reference is near the policy, as in train_step."""
+
+  def __init__(self, seed: int):
+    self.seed, self.params, self.references = seed, {}, {}
+
+  def state_and_reference(self, program):
+    cfg = program.model_cfg
+    if cfg not in self.params:
+      self.params[cfg] = core.init_params(cfg, self.seed)
+      self.references[cfg] = jax.tree_util.tree_map(lambda x: x * 0.99, self.params[cfg])
+    params = jax.device_put(self.params[cfg], program.state_shardings.params, may_alias=False)
+    state = program.create_state(jax.random.key(self.seed), params=params)
+    if not program.objective.needs_reference:
+      return state, None
+    return state, jax.device_put(self.references[cfg], program.reference_shardings)
+
+
 def _time_step(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, objective: str, layout: str,
-               chunks: int, data: Layout) -> core.Result:
+               chunks: int, data: Layout, weights: Weights) -> core.Result:
   """One step built as training builds it (`build`), compiled apart, then run `--repeats` times."""
   from llada_jax import sharding  # noqa: PLC0415
   from llada_jax.training import build as build_lib  # noqa: PLC0415
@@ -211,11 +230,7 @@ def _time_step(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, ob
   config.data.packing, config.data.max_segments = layout == "packed", args.packing_max_segments
   config.vrpo.copy_chunks = chunks
   program = build_lib.build(config)
-  state = program.create_state(jax.random.key(args.seed))
-  reference_params = None
-  if program.objective.needs_reference:  # a reference near the policy, placed like it (as train_step)
-    reference_params = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x * 0.99, p),
-                               out_shardings=program.state_shardings.params)(state.params)
+  state, reference_params = weights.state_and_reference(program)
   root_key = jax.random.key(args.seed)
   batch = sharding.global_batch(data.batch, program.batch_sharding)
   compiled, compile_s, memory = train_step.compile_step(program.step, state, batch, root_key, reference_params)
@@ -230,7 +245,6 @@ def _time_step(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, ob
     name += f"/n{n}/c{chunks}/{cfg.remat}"
   result = core.Result("packing", name, settings, times, warm)
   result.metrics = {
-      "step_s": result.median_s,
       "useful_tokens_per_step": data.useful_tokens_per_step,
       "useful_tokens_per_s": data.useful_tokens_per_step / result.median_s,
       "padding_fraction": data.padding_fraction,
@@ -258,6 +272,7 @@ def _time_step(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, ob
     core.Column("padding", "padding_fraction", "{:.1%}"),
     core.Column("examples/step", "examples_per_step", "{:.2f}"),
     core.Column("vs padded", "useful_vs_padded", "{:.2f}x"),
+    core.Column("time vs c1", "time_vs_unchunked", "{:.2f}x"),
     core.Column("peak GB", "peak_gb", "{:.2f}"),
     core.Column("compile s", "compile_s", "{:.1f}"),
 ))
@@ -273,18 +288,22 @@ def bench_packing(ctx: core.Context) -> list[core.Result]:
       cfg = sizes.size_model_config(ctx, size_name, dtype)
       layouts = {objective: make_layouts(objective, cfg, size, args) for objective in args.packing_objectives}
       done: dict[tuple, core.Result] = {}
+      weights = Weights(args.seed)
       for objective, layout, chunks, remat in _variants(args):
         step_cfg = dataclasses.replace(cfg, remat=remat or cfg.remat)
         key = (objective, layout, chunks, step_cfg.remat)
         if key in done:  # the memory rows include the packed step already timed
           continue
-        result = _time_step(ctx, size_name, step_cfg, objective, layout, chunks, layouts[objective][layout])
-        padded = done.get((objective, "padded", 1, cfg.remat))
-        if padded is not None and chunks == 1 and not remat:
-          result.metrics["useful_vs_padded"] = (result.metrics["useful_tokens_per_s"]
-                                                / padded.metrics["useful_tokens_per_s"])
-        elif layout == "padded":
+        result = _time_step(ctx, size_name, step_cfg, objective, layout, chunks, layouts[objective][layout],
+                            weights)
+        if layout == "padded":
           result.metrics["useful_vs_padded"] = 1.0
+        elif not remat:  # the packed step of the layout rows (padded is timed before it)
+          padded = done[(objective, "padded", 1, cfg.remat)].metrics["useful_tokens_per_s"]
+          result.metrics["useful_vs_padded"] = result.metrics["useful_tokens_per_s"] / padded
+        if objective == "vrpo" and layout == "packed":  # the memory rows' cost against the unchunked step
+          result.metrics["time_vs_unchunked"] = result.median_s / done.get(("vrpo", "packed", 1, cfg.remat),
+                                                                          result).median_s
         done[key] = result
         results.append(result)
         print(f"packing {result.name}: {result.median_s:.3f} s/step, "

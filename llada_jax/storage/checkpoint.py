@@ -526,5 +526,25 @@ def load_model(path: epath.PathLike, *, step: int | None = None, overrides: Mapp
   if not config or "model" not in config:
     raise ValueError(f"Checkpoint step {step} in {directory} has no model config in its run metadata.")
   model_cfg = model_lib.ModelConfig.from_dict({**config["model"], **dict(overrides or {})})
+  if model_cfg.lora_rank:
+    return _load_lora_model(directory, step, model_cfg, config)
   params = load_params(directory, model_lib.abstract_params(model_cfg), step=step)
   return model_cfg, params, config
+
+
+def _load_lora_model(directory, step: int, model_cfg, config):
+  """A LoRA run's adapters merged into the base it names (`checkpoint.init_from`, or the seeded init
+  it trained on without one): the plain model, as fast as the base."""
+  from llada_jax import lora, model as model_lib  # noqa: PLC0415
+
+  adapters_abstract, base_abstract = lora.split(model_lib.abstract_params(model_cfg))
+  adapters = load_params(directory, adapters_abstract, step=step)
+  source = config.get("checkpoint", {}).get("init_from", "")
+  if source:
+    base_step = config["checkpoint"].get("init_step", -1)
+    base = load_params(_checkpoint_dir(source), base_abstract, step=None if base_step < 0 else base_step)
+  else:
+    base = lora.split(model_lib.init_params(model_cfg, jax.random.key(config.get("seed", 0))))[1]
+  if model_cfg.lora_base_dtype:  # as training held it
+    base = jax.tree_util.tree_map(lambda x: x.astype(model_cfg.lora_base_dtype), base)
+  return lora.base_config(model_cfg), lora.merge(lora.combine(base, adapters), model_cfg), config

@@ -468,6 +468,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                       overwrite: bool = False) -> dict:
   """Writes a llada_jax checkpoint (a run dir or its checkpoints/ dir) in the Hugging Face LLaDA layout.
 
+  A LoRA run is written as its merged model: the base it names with the adapters folded in
+  (`peft.MergedReader`; `peft.export_adapters` writes the adapters alone).
+
   `overwrite` replaces an existing `out_dir` once the new one is complete. Returns a summary: the
   files written, their tensors and the total size.
   """
@@ -492,11 +495,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   if "model" not in config:
     raise ConversionError(f"checkpoint step {found} in {directory}: its run metadata has no config.model")
   cfg = model_lib.ModelConfig.from_dict(config["model"])
-  maps = tensor_maps(cfg, layer_major=not cfg.scan_layers)
-  out_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+  hf_base = (metadata.get("huggingface") or {}).get("config")
+  if cfg.lora_rank:  # a LoRA run: its base with the adapters folded in, leaf by leaf
+    from llada_jax import lora  # noqa: PLC0415
+    from llada_jax.storage import peft  # noqa: PLC0415
 
-  reader = _LeafReader(directory, found, meter)
+    reader = peft.MergedReader(directory, found, cfg, config, meter)
+    cfg, hf_base = lora.base_config(cfg), hf_base or reader.base_hf_config
+  else:
+    reader = _LeafReader(directory, found, meter)
+  out_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
   try:
+    maps = tensor_maps(cfg, layer_major=not cfg.scan_layers)
     stored = reader.stored_params()
     for m in maps:
       shape = m.flax_shape if m.layer is None else (cfg.n_layers,) + m.flax_shape
@@ -524,7 +534,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         weight_map = {spec[0]: file for file, specs in zip(names, shards) for spec in specs}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-      hf_config = hf_config_from_model(cfg, torch_dtype=dtype, base=(metadata.get("huggingface") or {}).get("config"))
+      hf_config = hf_config_from_model(cfg, torch_dtype=dtype, base=hf_base)
       if copy_from is not None:
         _copy_support_files(pathlib.Path(copy_from), staging)
       (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")

@@ -32,7 +32,9 @@ class TrainProgram:
   state_shardings: Any  # TrainState of NamedShardings
   batch_sharding: NamedSharding
   batch_shards: int  # how many pieces the batch dimension is split into
-  reference_shardings: Any  # the reference parameters' shardings; None when the step takes none
+  # The step's frozen argument: the VRPO reference parameters, or a LoRA model's base; None when it takes none.
+  reference_shardings: Any
+  abstract_frozen: Any  # that argument as ShapeDtypeStructs with shardings (None likewise)
   grad_accum_steps: int
   global_batch_size: int
   seq_len: int
@@ -86,12 +88,18 @@ def build(config, devices: Sequence[jax.Device] | None = None) -> TrainProgram:
   batch_sh = sharding.batch_sharding(mesh, rules)
   shards = checked_batch_shards(mesh, batch_sh, global_batch_size=config.data.global_batch_size,
                                 grad_accum_steps=config.grad_accum_steps)
-  reference_sh = state_sh.params if objective.needs_reference else None
+  lora_base = model_cfg.lora_rank > 0
+  if lora_base:  # the base is frozen and feeds the policy (and the VRPO reference, adapters off)
+    abstract_frozen, reference_sh = state_lib.base_shardings(model_cfg, mesh, rules)
+  elif objective.needs_reference:
+    abstract_frozen, reference_sh = abstract_state.params, state_sh.params
+  else:
+    abstract_frozen = reference_sh = None
   step = step_lib.jit_train_step(
-      step_lib.make_train_step(objective, tx, grad_accum_steps=config.grad_accum_steps),
+      step_lib.make_train_step(objective, tx, grad_accum_steps=config.grad_accum_steps, lora_base=lora_base),
       state_sh, batch_sh, mesh, reference_sh, rules=rules)
   return TrainProgram(model_cfg=model_cfg, objective=objective, tx=tx, mesh=mesh, rules=rules,
                       abstract_state=abstract_state, state_shardings=state_sh, batch_sharding=batch_sh,
-                      batch_shards=shards, reference_shardings=reference_sh,
+                      batch_shards=shards, reference_shardings=reference_sh, abstract_frozen=abstract_frozen,
                       grad_accum_steps=config.grad_accum_steps, global_batch_size=config.data.global_batch_size,
                       seq_len=config.data.seq_len, step=step)

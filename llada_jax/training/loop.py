@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from llada_jax import configs, data as data_lib, metrics as metrics_lib, sharding
+from llada_jax import configs, data as data_lib, lora, metrics as metrics_lib, sharding
 from llada_jax.storage import checkpoint as ckpt_lib, lock as lock_lib, mirrored_writer, remote
-from llada_jax.training import build as build_lib, objectives, preemption, reference_elbo
+from llada_jax.training import build as build_lib, objectives, preemption, reference_elbo, state as state_lib
 
 
 class TrainingError(RuntimeError):
@@ -72,7 +73,7 @@ def _initial_state(config, program, manager, data_iterator, root_key):
   resumed = _resume(config, program, manager, data_iterator)
   if resumed is not None:
     return resumed
-  if config.checkpoint.init_from:
+  if config.checkpoint.init_from and not program.model_cfg.lora_rank:  # LoRA: init_from is the frozen base
     params = ckpt_lib.load_params(config.checkpoint.init_from, program.abstract_state.params, step=_init_step(config))
     return program.create_state(root_key, params=params), None
   return program.create_state(jax.random.fold_in(root_key, 0x1A17)), None
@@ -98,7 +99,7 @@ def _resume(config, program, manager, data_iterator):
 
 
 # Model fields that change numerics or speed, not what the saved arrays are: a resume may change them.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "attention_interpret")
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "attention_interpret", "lora_base_dtype")
 
 
 def check_same_run(config, saved: dict, where: str) -> None:
@@ -146,19 +147,39 @@ def _reference_source(config) -> str:
   return config.checkpoint.reference_from or config.checkpoint.init_from
 
 
+def lora_base(config, program):
+  """A LoRA run's frozen base: `init_from`'s weights (in `model.lora_base_dtype`), or, without
+  `init_from`, the model's init from the run's seed (`state.random_base`)."""
+  if not config.checkpoint.init_from:
+    return state_lib.random_base(program.model_cfg, config.seed, program.mesh, program.rules)
+  return ckpt_lib.load_params(config.checkpoint.init_from, program.abstract_frozen, step=_init_step(config))
+
+
 def _reference(config, program, root_key):
-  """(reference params, precomputed table): what the objective needs of the frozen reference."""
-  objective = program.objective
-  if not (objective.needs_reference or objective.reference_in_batch):
+  """(frozen params, precomputed table): what the step's last argument holds (the VRPO reference, or
+  a LoRA model's base) and the reference ELBOs computed ahead of time."""
+  objective, lora_run = program.objective, program.model_cfg.lora_rank > 0
+  if not (objective.needs_reference or objective.reference_in_batch or lora_run):
     return None, None
+  frozen = lora_base(config, program) if lora_run else None
+  if lora_run and not objective.reference_in_batch:
+    return frozen, None
   source = _reference_source(config)
-  if not source:
+  if not source and not lora_run:
     raise ValueError(f"config.checkpoint.reference_from='': objective {config.objective!r} needs reference "
                      "weights (set checkpoint.init_from or checkpoint.reference_from)")
   shardings = program.state_shardings.params
 
   def load():
     return ckpt_lib.load_params(source, program.abstract_state.params, step=_init_step(config))
+
+  if lora_run:  # the reference is the base with the adapters off
+    shardings = lora.combine(program.reference_shardings, shardings)
+    zeros = jax.jit(lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), program.abstract_state.params),
+                    out_shardings=program.state_shardings.params)
+
+    def load():  # noqa: F811 - the LoRA reference replaces the checkpoint one
+      return lora.combine(frozen, zeros())
 
   if objective.needs_reference:
     return load(), None
@@ -167,7 +188,7 @@ def _reference(config, program, root_key):
       total_steps=config.total_steps, root_key=root_key, batch_sharding=program.batch_sharding,
       reference_shardings=shardings, micro_batches=program.grad_accum_steps, rules=program.rules,
       make_batches=lambda: make_data_iterator(config, program.model_cfg), load_reference=load)
-  return None, table
+  return frozen, table
 
 
 def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: int | None = None,

@@ -98,7 +98,7 @@ def lower_train_step(config, devices=None):
   from llada_jax import sharding  # noqa: PLC0415
 
   program = build_lib.build(config, devices)
-  reference = program.abstract_state.params if program.objective.needs_reference else None
+  reference = program.abstract_frozen  # the VRPO reference, or a LoRA model's frozen base
   key = jax.eval_shape(lambda: jax.random.key(config.seed))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(program.mesh))
   batch = abstract_batch(config, program.batch_sharding, reference_elbos=program.objective.reference_in_batch)
@@ -250,7 +250,7 @@ def format_plan(plan: dict[str, Any]) -> str:
   rows = [
       ("parameters (analytic)", mem["params"]),
       ("optimizer state (analytic)", mem["opt_state"]),
-      ("VRPO reference parameters (analytic)", mem["reference_params"]),
+      ("frozen parameters: VRPO reference or LoRA base (analytic)", mem["reference_params"]),
       ("analytic total", mem["analytic_total"]),
       ("all arguments, with batch and counters (analytic)", mem["analytic_arguments"]),
       ("compiled: arguments", comp.get("argument")),

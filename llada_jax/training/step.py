@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llada_jax import optim, packed, sharding
+from llada_jax import lora, optim, packed, sharding
 from llada_jax.training.objectives import Objective
 from llada_jax.training.state import TrainState
 
@@ -45,20 +45,29 @@ def _all_finite(tree) -> Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1):
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                    lora_base: bool = False):
   """The pure train step. A non-finite loss, gradient, new parameter or optimizer state skips the
   update; skips are counted.
 
   A skipped update does not advance the optimizer's own count, so the learning-rate schedule
   moves only with applied updates; the lr reported is the one actually used.
+
+  `lora_base`: the state's params are LoRA adapters and the step's last argument is the frozen base
+  (`llada_jax.lora`). The model runs on base + adapters; a VRPO reference is the base with the
+  adapters switched off, on the same masks, so no reference copy exists.
   """
 
-  def loss_and_grads(params, batch, key, reference_params):
+  def loss_and_grads(params, batch, key, frozen):
+    to_params, reference = (lambda p: p), frozen
+    if lora_base:
+      to_params = lambda p: lora.combine(frozen, p)  # noqa: E731
+      reference = to_params(lora.switched_off(params)) if objective.needs_reference else None
     if objective.value_and_grad is not None:
-      return objective.value_and_grad(params, batch, key, reference_params)
+      return objective.value_and_grad(params, batch, key, reference, to_params=to_params)
 
     def loss(p):
-      return objective.loss_fn(p, batch, key, reference_params)
+      return objective.loss_fn(to_params(p), batch, key, reference)
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return value, metrics, grads
 
