@@ -47,7 +47,8 @@ flags.DEFINE_bool("scan_layers", False, "import: store the blocks stacked, for t
                   "model.scan_layers=True.", flag_values=FLAGS)
 flags.DEFINE_string("tokenizer", None, "import: tokenizer.json (default: HF_DIR/tokenizer.json if present).",
                     flag_values=FLAGS)
-flags.DEFINE_bool("allow_outside_links", False, "import: read files of HF_DIR that are links to elsewhere (a "
+flags.DEFINE_bool("allow_outside_links", False, "import, import-peft: read files of HF_DIR / PEFT_DIR that are "
+                  "links to elsewhere (a "
                   "Hugging Face hub cache links every file to a blob outside the snapshot directory).",
                   flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty destination directory, once the new one "
@@ -75,8 +76,9 @@ def _check_arguments(positional: list[str]) -> str:
   stray = [name for names in _COMMAND_FLAGS.values() for name in names
            if FLAGS[name].present and name not in _COMMAND_FLAGS[command]]
   if stray:
-    owners = " and ".join(c for c, names in _COMMAND_FLAGS.items() if stray[0] in names)
-    raise app.UsageError(f"--{stray[0]} applies to {owners}, not {command}")
+    owner, *also = [c for c, names in _COMMAND_FLAGS.items() if stray[0] in names]
+    raise app.UsageError(f"--{stray[0]} applies to {owner}, not {command}" + (f" (also to {', '.join(also)})"
+                                                                                 if also else ""))
   stray = [name for name in _NOT_WITH_PEFT if FLAGS.peft and FLAGS[name].present]
   if stray:
     raise app.UsageError(f"--{stray[0]} applies to the merged export, not --peft")

@@ -139,6 +139,18 @@ def test_8b_recipes_follow_the_paper(name, variant):
                           else {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1})
 
 
+@pytest.mark.parametrize("variant", ["sft_h100x8", "vrpo_h100x8", "sft_v5e", "vrpo_v5e", "sft_v6e", "vrpo_v6e"])
+def test_8b_lora_recipes_are_the_full_recipes_with_adapters(variant):
+  c = configs.load(f"llada_8b_lora:{variant}")
+  objective, platform = variant.split("_")
+  full = configs.load(f"llada_8b_{objective}:v5p")
+  assert (c.model.lora_rank, c.model.lora_alpha, c.model.lora_base_dtype) == (16, 32.0, "bfloat16")
+  assert c.objective == full.objective and c.data.to_dict() == full.data.to_dict()
+  assert c.vrpo.n_timesteps == full.vrpo.n_timesteps and c.total_steps == full.total_steps
+  devices = 8 if platform == "h100x8" else 64
+  assert c.grad_accum_steps * devices == c.data.global_batch_size
+
+
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="tpu9.*v5p"):
     configs.load("llada_8b_vrpo:tpu9")

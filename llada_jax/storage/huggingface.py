@@ -12,7 +12,8 @@ Import reads a Hugging Face LLaDA directory (`config.json`, `model.safetensors` 
 config.json; configurations the llada_jax model cannot reproduce (biases, LayerNorm, no RoPE,
 tied weights, ...) are refused with the field named. Export writes the Hugging Face layout back:
 PyTorch `[out, in]` weights in shards of at most `max_shard_size`, the index and a config.json
-for the reference `modeling_llada.py` (`copy_from` copies its Python files and the tokenizer).
+for the reference `modeling_llada.py` (`copy_from` copies its Python files and the tokenizer); a LoRA
+run's export is its merged model, and `peft` writes and reads its adapters in the PEFT layout.
 
 Memory: tensors are read one at a time, never a whole shard or model. Import hands Orbax lazy
 leaves; a custom type handler writes them one after the other, each read, converted and written
@@ -462,15 +463,32 @@ class _LeafReader:
     self._manager.close()
 
 
+def _params_reader(directory: pathlib.Path, step: int, metadata: Mapping, meter: HeldBytes | None):
+  """(leaf reader, ModelConfig, config.json whose other fields export keeps) of the checkpoint at `step`.
+
+  A LoRA run's reader serves its base with the adapters folded in, leaf by leaf (`peft.MergedReader`).
+  """
+  config = metadata.get("config") or {}
+  if "model" not in config:
+    raise ConversionError(f"checkpoint step {step} in {directory}: its run metadata has no config.model")
+  cfg = model_lib.ModelConfig.from_dict(config["model"])
+  hf_base = (metadata.get("huggingface") or {}).get("config")
+  if not cfg.lora_rank:
+    return _LeafReader(directory, step, meter), cfg, hf_base
+  from llada_jax import lora  # noqa: PLC0415
+  from llada_jax.storage import peft  # noqa: PLC0415
+
+  reader = peft.MergedReader(directory, step, cfg, config, meter)
+  return reader, lora.base_config(cfg), hf_base or reader.base_hf_config
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
                       dtype: str = "float32", max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                       copy_from: str | os.PathLike | None = None, meter: HeldBytes | None = None,
                       overwrite: bool = False) -> dict:
   """Writes a llada_jax checkpoint (a run dir or its checkpoints/ dir) in the Hugging Face LLaDA layout.
 
-  A LoRA run is written as its merged model: the base it names with the adapters folded in
-  (`peft.MergedReader`; `peft.export_adapters` writes the adapters alone).
-
+  A LoRA run is written as its merged model (`peft.export_adapters` writes the adapters alone).
   `overwrite` replaces an existing `out_dir` once the new one is complete. Returns a summary: the
   files written, their tensors and the total size.
   """
@@ -491,19 +509,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   with ckpt_lib.CheckpointManager(directory, read_only=True) as manager:
     found = manager.resolve_step(step)
     metadata = manager.read_metadata(found)
-  config = metadata.get("config") or {}
-  if "model" not in config:
-    raise ConversionError(f"checkpoint step {found} in {directory}: its run metadata has no config.model")
-  cfg = model_lib.ModelConfig.from_dict(config["model"])
-  hf_base = (metadata.get("huggingface") or {}).get("config")
-  if cfg.lora_rank:  # a LoRA run: its base with the adapters folded in, leaf by leaf
-    from llada_jax import lora  # noqa: PLC0415
-    from llada_jax.storage import peft  # noqa: PLC0415
-
-    reader = peft.MergedReader(directory, found, cfg, config, meter)
-    cfg, hf_base = lora.base_config(cfg), hf_base or reader.base_hf_config
-  else:
-    reader = _LeafReader(directory, found, meter)
+  reader, cfg, hf_base = _params_reader(directory, found, metadata, meter)
   out_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
   try:
     maps = tensor_maps(cfg, layer_major=not cfg.scan_layers)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -65,13 +66,20 @@ _LAYER = re.compile(r"\.blocks\.(\d+)\.")
 # Names and layouts
 
 
-def adapter_maps(cfg: model_lib.ModelConfig) -> list[TensorMap]:
+def adapter_maps(cfg: model_lib.ModelConfig) -> tuple[TensorMap, ...]:
   """The PEFT tensors of a LoRA config's adapters, lora_A then lora_B per adapted module.
 
   Each is a `TensorMap` onto an adapter leaf (`<kernel>_lora_a` / `_lora_b`): A `[*in, r]` maps to
   `[r, in]` (its `in` axes are the kernel's), B `[r, *out]` to `[out, r]`, so `to_hf` / `to_flax`
   convert them like the kernels. Order: layer by layer unless `scan_layers`.
   """
+  return _layout(cfg)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _layout(cfg: model_lib.ModelConfig):
+  """(adapter_maps, the abstract adapters) of `cfg`: tracing the model's init for its shapes is slow,
+  and an export or import asks several times."""
   r = cfg.lora_rank
   maps = []
   for m in tensor_maps(lora.base_config(cfg), layer_major=not cfg.scan_layers):
@@ -85,11 +93,12 @@ def adapter_maps(cfg: model_lib.ModelConfig) -> list[TensorMap]:
                           m.layer, in_shape + (r,), len(in_shape)))
     maps.append(TensorMap(f"{module}.lora_B.weight", (math.prod(out_shape), r), parent + (name + lora.SUFFIX_B,),
                           m.layer, (r,) + out_shape, 1))
-  leaves = set(_flat_shapes(lora.split(model_lib.abstract_params(cfg))[0]))
+  abstract = lora.split(model_lib.abstract_params(cfg))[0]
+  leaves = {path for path, _ in _flat_items(abstract)}
   if {m.param_path for m in maps} != leaves:  # a new adapted kernel must not be exported without its adapters
     raise RuntimeError(f"llada_jax.storage.peft maps the adapters {sorted({m.param_path for m in maps})}, but the "
                        f"model has {sorted(leaves)}")
-  return maps
+  return tuple(maps), abstract
 
 
 def layer_of(m: TensorMap) -> int:
@@ -98,12 +107,6 @@ def layer_of(m: TensorMap) -> int:
 
 def target_modules(cfg: model_lib.ModelConfig) -> list[str]:
   return [t for t in lora.TARGETS if t in cfg.lora_targets]
-
-
-def _flat_shapes(tree, prefix=()) -> dict[tuple[str, ...], tuple[int, ...]]:
-  if isinstance(tree, Mapping):
-    return {k: v for key, sub in tree.items() for k, v in _flat_shapes(sub, prefix + (str(key),)).items()}
-  return {prefix: tuple(tree.shape)}
 
 
 def adapter_config(cfg: model_lib.ModelConfig, base_model: str | None) -> dict[str, Any]:
@@ -153,7 +156,7 @@ def _load_adapters(directory: pathlib.Path, step: int, cfg) -> dict[tuple[str, .
   """A LoRA run's adapters (its whole `state.params`), flat, as host arrays."""
   from llada_jax.storage import checkpoint as ckpt_lib  # noqa: PLC0415
 
-  adapters = ckpt_lib.load_params(directory, lora.split(model_lib.abstract_params(cfg))[0], step=step)
+  adapters = ckpt_lib.load_params(directory, _layout(cfg)[1], step=step)
   return {path: np.asarray(leaf) for path, leaf in _flat_items(adapters)}
 
 
