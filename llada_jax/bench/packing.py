@@ -16,6 +16,8 @@ packer (`llada_jax.data.packing.pack`: Grain's first fit over `default_bins(B)` 
 into B rows per step. The step's shapes are static, so its time does not depend on the batch's
 content: one batch is timed (the one whose useful tokens are nearest the mean), while useful tokens,
 padding fraction (`batch_stats`) and examples per step are averaged over `--packing_batches` batches.
+An objective's steps are all compiled first, then timed in turn, one call of each per round: their
+ratios then hold when the machine's load changes during the run.
 Useful tokens are the non-padding ones (VRPO: of the chosen and rejected rows; the 2n noised copies
 multiply both layouts alike).
 """
@@ -33,7 +35,7 @@ import numpy as np
 from absl import flags
 
 from llada_jax import model as model_lib
-from llada_jax.bench import core, sizes, train_step
+from llada_jax.bench import core, sizes, timing, train_step
 from llada_jax.data import packing as packing_lib
 from llada_jax.data import pipelines
 
@@ -217,9 +219,21 @@ class Weights:
     return state, jax.device_put(self.references[cfg], program.reference_shardings)
 
 
-def _time_step(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, objective: str, layout: str,
-               chunks: int, data: Layout, weights: Weights) -> core.Result:
-  """One step built as training builds it (`build`), compiled apart, then run `--repeats` times."""
+@dataclasses.dataclass
+class Step:
+  """One compiled step and what its result reports."""
+
+  name: str
+  settings: dict[str, Any]
+  data: Layout
+  call: Any  # () -> metrics of one step, the state carried from call to call
+  compile_s: float
+  memory: int | None
+
+
+def _prepare(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, objective: str, layout: str,
+             chunks: int, data: Layout, weights: Weights) -> Step:
+  """One step built as training builds it (`build`), its state placed and the step compiled apart."""
   from llada_jax import sharding  # noqa: PLC0415
   from llada_jax.training import build as build_lib  # noqa: PLC0415
 
@@ -234,26 +248,66 @@ def _time_step(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, ob
   root_key = jax.random.key(args.seed)
   batch = sharding.global_batch(data.batch, program.batch_sharding)
   compiled, compile_s, memory = train_step.compile_step(program.step, state, batch, root_key, reference_params)
-  times, warm, step_metrics = train_step.time_steps(compiled, state, batch, root_key, reference_params, args)
+  holder = [state]
+
+  def call():
+    holder[0], step_metrics = compiled(holder[0], batch, root_key, reference_params)  # the state is donated
+    return step_metrics
+
   settings = {"size": size_name, "dtype": cfg.dtype, "objective": objective, "layout": layout,
               "n": n if objective == "vrpo" else None, "copy_chunks": chunks if objective == "vrpo" else None,
               "remat": cfg.remat, "seq_len": size.seq_len, "batch_size": size.batch_size,
               "max_segments": args.packing_max_segments if layout == "packed" else None,
               "grad_accum_steps": accum, "num_params": cfg.num_params()}
-  name = f"{size_name}/{cfg.dtype}/{objective}/{layout}"
-  if objective == "vrpo":
-    name += f"/n{n}/c{chunks}/{cfg.remat}"
-  result = core.Result("packing", name, settings, times, warm)
-  result.metrics = {
-      "useful_tokens_per_step": data.useful_tokens_per_step,
-      "useful_tokens_per_s": data.useful_tokens_per_step / result.median_s,
-      "padding_fraction": data.padding_fraction,
-      "examples_per_step": data.examples_per_step,
-      "compile_s": compile_s,
-      "peak_gb": None if memory is None else memory / 1e9,
-      "loss": float(step_metrics["loss"]),
-  }
-  return result
+  name = f"{size_name}/{cfg.dtype}/{objective}/{layout}" + (f"/n{n}/c{chunks}/{cfg.remat}" if objective == "vrpo"
+                                                             else "")
+  return Step(name, settings, data, call, compile_s, memory)
+
+
+def _time_group(steps: list[Step], args) -> list[core.Result]:
+  """The steps timed in turn (`timing.time_interleaved`): their ratios hold under a changing load."""
+  results = []
+  for step, (times, warm, step_metrics) in zip(steps, timing.time_interleaved(
+      [s.call for s in steps], repeats=args.repeats, warmup=args.warmup)):
+    result = core.Result("packing", step.name, step.settings, times, warm)
+    data = step.data
+    result.metrics = {
+        "useful_tokens_per_step": data.useful_tokens_per_step,
+        "useful_tokens_per_s": data.useful_tokens_per_step / result.median_s,
+        "padding_fraction": data.padding_fraction,
+        "examples_per_step": data.examples_per_step,
+        "compile_s": step.compile_s,
+        "peak_gb": None if step.memory is None else step.memory / 1e9,
+        "loss": float(step_metrics["loss"]),
+    }
+    results.append(result)
+  return results
+
+
+def _bench_objective(ctx: core.Context, size_name: str, cfg: model_lib.ModelConfig, objective: str,
+                     layouts: dict[str, Layout], weights: Weights) -> list[core.Result]:
+  """The objective's padded and packed steps (VRPO: and the memory rows), compiled, then timed in turn."""
+  steps, keys = [], []
+  for obj, layout, chunks, remat in _variants(ctx.args):
+    step_cfg = dataclasses.replace(cfg, remat=remat or cfg.remat)
+    key = (layout, chunks, step_cfg.remat)
+    if obj != objective or key in keys:  # the memory rows include the packed step of the layout rows
+      continue
+    steps.append(_prepare(ctx, size_name, step_cfg, objective, layout, chunks, layouts[layout], weights))
+    keys.append(key)
+    print(f"packing {steps[-1].name}: compiled in {steps[-1].compile_s:.1f} s", flush=True)
+  results = _time_group(steps, ctx.args)
+  by_key = dict(zip(keys, results))
+  padded, packed = by_key[("padded", 1, cfg.remat)], by_key[("packed", 1, cfg.remat)]
+  padded.metrics["useful_vs_padded"] = 1.0
+  packed.metrics["useful_vs_padded"] = packed.metrics["useful_tokens_per_s"] / padded.metrics["useful_tokens_per_s"]
+  for (layout, _, _), result in by_key.items():
+    if objective == "vrpo" and layout == "packed":  # the memory rows' cost against the unchunked step
+      result.metrics["time_vs_unchunked"] = result.median_s / packed.median_s
+  for result in results:
+    print(f"packing {result.name}: {result.median_s:.3f} s/step, "
+          f"{result.metrics['useful_tokens_per_s']:.1f} useful tokens/s", flush=True)
+  return results
 
 
 @core.register("packing", check=_check_packing, columns=(
@@ -287,25 +341,7 @@ def bench_packing(ctx: core.Context) -> list[core.Result]:
     for dtype in args.dtype:
       cfg = sizes.size_model_config(ctx, size_name, dtype)
       layouts = {objective: make_layouts(objective, cfg, size, args) for objective in args.packing_objectives}
-      done: dict[tuple, core.Result] = {}
       weights = Weights(args.seed)
-      for objective, layout, chunks, remat in _variants(args):
-        step_cfg = dataclasses.replace(cfg, remat=remat or cfg.remat)
-        key = (objective, layout, chunks, step_cfg.remat)
-        if key in done:  # the memory rows include the packed step already timed
-          continue
-        result = _time_step(ctx, size_name, step_cfg, objective, layout, chunks, layouts[objective][layout],
-                            weights)
-        if layout == "padded":
-          result.metrics["useful_vs_padded"] = 1.0
-        elif not remat:  # the packed step of the layout rows (padded is timed before it)
-          padded = done[(objective, "padded", 1, cfg.remat)].metrics["useful_tokens_per_s"]
-          result.metrics["useful_vs_padded"] = result.metrics["useful_tokens_per_s"] / padded
-        if objective == "vrpo" and layout == "packed":  # the memory rows' cost against the unchunked step
-          result.metrics["time_vs_unchunked"] = result.median_s / done.get(("vrpo", "packed", 1, cfg.remat),
-                                                                          result).median_s
-        done[key] = result
-        results.append(result)
-        print(f"packing {result.name}: {result.median_s:.3f} s/step, "
-              f"{result.metrics['useful_tokens_per_s']:.1f} useful tokens/s", flush=True)
+      for objective in args.packing_objectives:
+        results += _bench_objective(ctx, size_name, cfg, objective, layouts[objective], weights)
   return results

@@ -7,7 +7,7 @@ without loading the benchmark sections.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +44,18 @@ def time_matmul(dtype: str, n: int, *, repeats: int, warmup: int = 1) -> tuple[l
   matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   times, warm, _ = time_calls(lambda: matmul(a, b), repeats=repeats, warmup=max(warmup, 1))
   return times, warm
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], *, repeats: int, warmup: int = 1
+                     ) -> list[tuple[list[float], list[float], Any]]:
+  """`time_calls` of several functions in turn, one call of each per round: compared with each other,
+  they see the same changes in the machine's load (another process starting or ending)."""
+  out = [([], [], None) for _ in fns]
+  for rnd in range(warmup + repeats):
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      value = jax.block_until_ready(fn())
+      times, warm, _ = out[i]
+      (warm if rnd < warmup else times).append(time.perf_counter() - start)
+      out[i] = (times, warm, value)
+  return out

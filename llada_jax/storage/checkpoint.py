@@ -544,7 +544,8 @@ def _load_lora_model(directory, step: int, model_cfg, config):
     base_step = config["checkpoint"].get("init_step", -1)
     base = load_params(_checkpoint_dir(source), base_abstract, step=None if base_step < 0 else base_step)
   else:
-    base = lora.split(model_lib.init_params(model_cfg, jax.random.key(config.get("seed", 0))))[1]
+    # Jitted as training's `state.random_base` is: the eager init rounds differently in the last bit.
+    base = jax.jit(lambda k: lora.split(model_lib.init_params(model_cfg, k))[1])(jax.random.key(config.get("seed", 0)))
   if model_cfg.lora_base_dtype:  # as training held it
     base = jax.tree_util.tree_map(lambda x: x.astype(model_cfg.lora_base_dtype), base)
   return lora.base_config(model_cfg), lora.merge(lora.combine(base, adapters), model_cfg), config
