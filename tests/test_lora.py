@@ -97,6 +97,7 @@ def corpus(tmp_path_factory):
 LORA = {"model.lora_rank": 4, "model.lora_alpha": 8.0, "optimizer.lr": 3e-2}
 
 
+@pytest.mark.slow
 def test_one_step_trains_adapters_only_and_sharded_equals_single(corpus, tmp_path):
   results = []
   for mesh, devices in (({"data": 1}, jax.devices()[:1]), ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())):

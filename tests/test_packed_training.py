@@ -53,7 +53,8 @@ def packed_batch(objective, vocab, rows=8, length=48, slots=4, seed=0):
   return batch
 
 
-CASES = [("pretrain", {}), ("sft", {}), ("vrpo", {}), ("vrpo", {"vrpo.copy_chunks": 2})]
+CASES = [pytest.param("pretrain", {}, marks=pytest.mark.slow), pytest.param("sft", {}, marks=pytest.mark.slow),
+         pytest.param("vrpo", {}, marks=pytest.mark.slow), ("vrpo", {"vrpo.copy_chunks": 2})]
 
 
 @pytest.mark.parametrize("objective,overrides", CASES)
@@ -103,10 +104,12 @@ def test_packed_sft_run_logs_data_stats_and_resumes_exactly(packed_sft):
   check_data_metrics(result, root / "straight")
 
 
+@pytest.mark.slow
 def test_packed_pretraining_run_resumes_exactly(corpus, tmp_path):
   check_data_metrics(run_and_resume(corpus, tmp_path, "pretrain"), tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_packed_chunked_vrpo_run_from_packed_sft_resumes_exactly(corpus, packed_sft, tmp_path):
   root, _ = packed_sft
   result = run_and_resume(corpus, tmp_path, "vrpo", **{"vrpo.copy_chunks": 2, "total_steps": 4,
