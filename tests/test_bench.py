@@ -12,7 +12,7 @@ import pytest
 
 from llada_jax import sampling
 from llada_jax.bench import __main__ as bench_cli
-from llada_jax.bench import ceiling, core, elbo, packing, sizes, train_step
+from llada_jax.bench import ceiling, core, elbo, lora, packing, sizes, train_step
 from llada_jax.bench import sampling as sampling_section
 from llada_jax.data import demo_task, tokenizer as tokenizer_lib
 
@@ -304,6 +304,7 @@ def test_cli_report_holds_the_ceilings(tmp_path, cheap_steps):
     (["--nope", "1"], "Unknown command line flag 'nope'"),
     (["ceiling"], "unexpected arguments: ceiling"),
     (["--packing_remat", "some"], "--packing_remat=some"),
+    (["--lora_variants", "qlora"], "--lora_variants=qlora"),
 ])
 def test_bad_sizes_are_usage_errors(argv, message, capsys):
   assert bench_cli.main(argv) == 2
@@ -318,6 +319,8 @@ def test_bad_sizes_are_usage_errors(argv, message, capsys):
     (["--only", "packing", "--size", "tiny", "--packing_vrpo_n", "4", "--packing_chunks", "1,3"],
      "--packing_chunks=1,3: expected divisors of --packing_vrpo_n=4"),
     (["--only", "packing", "--size", "tiny", "--packing_batches", "0"], "--packing_batches=0"),
+    (["--only", "lora", "--size", "tiny", "--lora_rank", "0"], "--lora_rank=0"),
+    (["--only", "lora", "--size", "tiny", "--lora_vrpo_n", "-1"], "--lora_vrpo_n=-1"),
 ])
 def test_bad_section_flags_fail_with_a_message(argv, message, capsys):
   assert bench_cli.main(argv) == 1
@@ -364,6 +367,32 @@ def test_packing_rows(cheap_steps):
   assert chunked.metrics["time_vs_unchunked"] == pytest.approx(chunked.median_s / unchunked.median_s)
   assert unchunked.metrics["time_vs_unchunked"] == 1
   assert "useful tok/s" in core.format_table("packing", results)
+
+
+def test_lora_rows(cheap_steps):
+  argv = ["--only", "lora", "--size", "tiny", "--dtype", "float32", "--repeats", "1", "--warmup", "0",
+          "--lora_vrpo_n", "2", "--lora_rank", "2"]
+  results = lora.bench_lora(core.Context(bench_cli.parse_args(argv)))
+  rows = {r.name: r for r in results}
+  assert list(rows) == [f"tiny/float32/{o}/{v}" for o in ("sft", "vrpo/n2") for v in ("full", "lora", "lora_bf16")]
+  cfg = sizes.size_model_config(core.Context(bench_cli.parse_args(argv)), "tiny", "float32")
+  for objective in ("sft", "vrpo/n2"):
+    full, adapters, bf16 = (rows[f"tiny/float32/{objective}/{v}"] for v in ("full", "lora", "lora_bf16"))
+    assert full.settings["trainable_params"] == cfg.num_params() and full.settings["rank"] is None
+    # Rank-2 adapters on every projection: r (fan_in + fan_out) per kernel.
+    d, q, kv, m = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim, cfg.kv_heads * cfg.resolved_head_dim, \
+        cfg.mlp_hidden_size
+    adapter_count = cfg.n_layers * 2 * ((d + q) * 2 + (d + kv) * 2 + (d + m) * 3)
+    assert adapters.settings["trainable_params"] == bf16.settings["trainable_params"] == adapter_count
+    assert adapters.settings["frozen_params"] == bf16.settings["frozen_params"] == cfg.num_params()
+    assert (adapters.settings["base_dtype"], bf16.settings["base_dtype"]) == ("float32", "bfloat16")
+    # The frozen base carries no gradient or optimizer state.
+    assert adapters.metrics["peak_gb"] < full.metrics["peak_gb"]
+    for r in (full, adapters, bf16):
+      assert len(r.times_s) == 1 and np.isfinite(r.metrics["loss"])
+      assert r.metrics["time_vs_full"] == pytest.approx(r.median_s / full.median_s)
+      assert r.metrics["memory_vs_full"] == pytest.approx(r.metrics["peak_gb"] / full.metrics["peak_gb"])
+  assert "memory vs full" in core.format_table("lora", results)
 
 
 def test_packing_length_mix():

@@ -1,6 +1,6 @@
 """Benchmarks: wall time and derived rates of the framework's hot paths, as a table and JSON.
 
-  python -m llada_jax.bench [--only ceiling,train_step,packing,elbo,sampling] [--size demo,ref35m] \\
+  python -m llada_jax.bench [--only ceiling,train_step,packing,lora,elbo,sampling] [--size demo,ref35m] \\
       [--dtype float32,bfloat16] [--model PRESET | --checkpoint RUN_DIR] [--model.FIELD=VALUE ...] \\
       [--repeats 5] [--warmup 1] [--output bench.json]
 
@@ -18,12 +18,15 @@ Sections (`--only a,b`, run in that order; default: all, ceiling first) each tim
               fraction, examples per step, packed/padded; and the packed VRPO step at each
               `vrpo.copy_chunks` x `model.remat` (`--packing_chunks`, `--packing_remat`): step time
               and peak memory of the compiled step.
+  lora        SFT and VRPO steps with LoRA adapters (float32 and bfloat16 frozen base) against full
+              fine-tuning on the same batch: step time, peak memory of the compiled step, trainable
+              parameters, each against full (`--lora_rank`, `--lora_vrpo_n`).
   elbo        likelihood scoring (llada_jax.eval.likelihood): sequences/s at each mc_num.
   sampling    every sampler variant (exact, prefix, dual, threshold, dual+threshold) at the given
               sizes: generated tokens/s, seconds per call, forward passes, speed-up vs exact; with a
               checkpoint and `--task_data`, also each variant's accuracy on the demo task.
 
-train_step, packing and elbo run at the named `--size`s (a model preset and the sequence length and
+train_step, packing, lora and elbo run at the named `--size`s (a model preset and the sequence length and
 batch it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
 llada_jax.configs.models with random weights (`--model`, default `reference` = `ref35m`: the size of
 the reference PyTorch figures, d_model 512, 8 layers, 8 heads, MLP 1536, vocab 8192). `--model.FIELD`
@@ -45,10 +48,10 @@ from absl import flags
 from llada_jax import cli
 from llada_jax.bench import core
 # Each section registers itself and defines its flags on import; this is the order they are listed in.
-from llada_jax.bench import ceiling, train_step, packing, elbo, sampling  # noqa: F401
+from llada_jax.bench import ceiling, train_step, packing, lora, elbo, sampling  # noqa: F401
 
 # The ceiling first: the sections after it compute MFU against its measurements.
-DEFAULT_ORDER = ("ceiling", "train_step", "packing", "elbo", "sampling")
+DEFAULT_ORDER = ("ceiling", "train_step", "packing", "lora", "elbo", "sampling")
 _HELP = ("-h", "--help", "--helpfull", "--helpshort")
 
 _ORDER = [name for name in DEFAULT_ORDER if name in core.SECTIONS] + [

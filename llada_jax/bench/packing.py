@@ -181,9 +181,7 @@ def _check_packing(args: types.SimpleNamespace) -> None:
   if any(c < 1 or n % c for c in args.packing_chunks):
     raise ValueError(f"--packing_chunks={','.join(map(str, args.packing_chunks))}: expected divisors of "
                      f"--packing_vrpo_n={n}")
-  if args.grad_accum_steps < 0 or args.max_micro_batch_tokens < 1:
-    raise ValueError(f"--grad_accum_steps={args.grad_accum_steps}, --max_micro_batch_tokens="
-                     f"{args.max_micro_batch_tokens}: expected a count >= 0 (0: automatic) and a positive budget")
+  train_step.check_micro_batching(args)
   sizes.check_sizes(args)
   for size_name in args.size:
     if sizes.SIZES[size_name].seq_len < 3:  # a prompt, an answer and the EOS

@@ -1,4 +1,4 @@
-"""The named sizes (`--size`) and compute dtypes (`--dtype`) that ceiling, train_step, packing and elbo run at."""
+"""The named sizes (`--size`) and compute dtypes (`--dtype`) that ceiling, train_step, packing, lora and elbo run at."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def train_config(objective: str, cfg: model_lib.ModelConfig, size: sizes.Size, a
   return config
 
 
-def _train_batch(objective: str, cfg: model_lib.ModelConfig, size: sizes.Size, seed: int) -> dict[str, np.ndarray]:
+def train_batch(objective: str, cfg: model_lib.ModelConfig, size: sizes.Size, seed: int) -> dict[str, np.ndarray]:
   """A random batch as the pipelines shape it: prompts of a quarter of the row, answers to the end or less."""
   rng = np.random.default_rng(seed)
   b, l = size.batch_size, size.seq_len
@@ -132,11 +132,16 @@ def compile_step(jitted, *example_args):
   return compiled, seconds, memory
 
 
-def _check_train_step(args: types.SimpleNamespace) -> None:
-  _variants(args)
+def check_micro_batching(args: types.SimpleNamespace) -> None:
+  """The micro-batching flags every section with training steps takes."""
   if args.grad_accum_steps < 0 or args.max_micro_batch_tokens < 1:
     raise ValueError(f"--grad_accum_steps={args.grad_accum_steps}, --max_micro_batch_tokens="
                      f"{args.max_micro_batch_tokens}: expected a count >= 0 (0: automatic) and a positive budget")
+
+
+def _check_train_step(args: types.SimpleNamespace) -> None:
+  _variants(args)
+  check_micro_batching(args)
   sizes.check_sizes(args)
 
 
@@ -192,7 +197,7 @@ def _time_variant(ctx: core.Context, size_name: str, dtype: str, cfg: model_lib.
   program = build_lib.build(train_config(objective_name, cfg, size, args, n, reference == "precomputed", accum))
   objective = program.objective
   state = program.create_state(jax.random.key(args.seed))
-  local = _train_batch(objective_name, cfg, size, args.seed)
+  local = train_batch(objective_name, cfg, size, args.seed)
   reference_params = None
   if objective.needs_reference or objective.reference_in_batch:
     # A reference near the policy, placed like it.
