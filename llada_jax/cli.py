@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import sys
 import textwrap
 from typing import Callable, Sequence
@@ -43,6 +44,73 @@ def device_memory_hint(lower: str, dtype_flag: str = "--dtype bfloat16"):
       raise
     raise ValueError(f"out of device memory ({str(e).splitlines()[0][:200]}); expected less memory per call: "
                      f"lower {lower}, or use {dtype_flag}") from None
+
+
+MESH_FLAG_AXES = ("data", "fsdp", "tensor")
+_MESH_HELP = {
+    "data": "Mesh: data-parallel devices (-1: those the other axes leave, the default). Without any --mesh.* "
+            "flag the run's own mesh is used when it fits these devices, else every device goes on data.",
+    "fsdp": "Mesh: devices the parameters are sharded over, FSDP style (default 1); the batch is split over "
+            "data x fsdp.",
+    "tensor": "Mesh: tensor-parallel devices, splitting heads, MLP and vocabulary (default 1).",
+}
+
+
+def define_mesh_flags(flag_values: flags.FlagValues) -> None:
+  """`--mesh.data`, `--mesh.fsdp`, `--mesh.tensor`: the device mesh of a generation or evaluation tool."""
+  for axis in MESH_FLAG_AXES:
+    flags.DEFINE_integer(f"mesh.{axis}", None, _MESH_HELP[axis], flag_values=flag_values)
+
+
+def define_distributed_flag(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_enum("distributed", "off", ["off", "auto"], "Several hosts: 'auto' calls "
+                    "jax.distributed.initialize() first, which finds the other processes on Cloud TPU, SLURM and "
+                    "Open MPI. Every host runs the same command; process 0 writes the results.",
+                    flag_values=flag_values)
+
+
+def start_distributed(args) -> bool:
+  """Joins the other processes when `--distributed=auto` (before anything asks JAX for devices);
+  returns whether this process is the one that writes results."""
+  import jax  # noqa: PLC0415 - only tools that run a model need it
+
+  from llada_jax import sharding  # noqa: PLC0415
+
+  if getattr(args, "distributed", "off") == "auto":
+    sharding.maybe_initialize_distributed({"initialize": "auto"})
+  return jax.process_index() == 0
+
+
+def mesh_flags(args, n_devices: int | None = None) -> dict[str, int] | None:
+  """The mesh the `--mesh.*` flags ask for (`args` read by attribute), checked against the devices;
+  None when no such flag is given. A mistake names the flags and what was expected."""
+  given = {a: getattr(args, f"mesh.{a}", None) for a in MESH_FLAG_AXES}
+  given = {a: v for a, v in given.items() if v is not None}
+  if not given:
+    return None
+  for axis, value in given.items():
+    if value == 0 or value < -1:
+      raise ValueError(f"--mesh.{axis}={value}: expected a positive number of devices, or -1 for those the "
+                       "other axes leave")
+  shown = " ".join(f"--mesh.{a}={v}" for a, v in given.items())
+  free = [a for a, v in given.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f"{shown}: expected at most one axis of -1")
+  mesh = {"data": given.get("data", 1 if free else -1), "fsdp": given.get("fsdp", 1),
+          "tensor": given.get("tensor", 1)}
+  if n_devices is None:
+    import jax  # noqa: PLC0415 - only tools that run a model need it
+
+    n_devices = jax.device_count()
+  fixed = math.prod(v for v in mesh.values() if v != -1)
+  rest = next((a for a, v in mesh.items() if v == -1), None)
+  if rest and n_devices % fixed:
+    raise ValueError(f"{shown}: the mesh needs a multiple of {fixed} devices but found {n_devices}; expected "
+                     f"sizes whose product divides {n_devices} (--mesh.{rest} takes the devices left)")
+  if not rest and fixed != n_devices:
+    raise ValueError(f"{shown}: the mesh takes {fixed} devices but found {n_devices}; expected sizes whose "
+                     f"product is {n_devices}, or one of them -1")
+  return mesh
 
 
 class _RecipeParser(flags.ArgumentParser):

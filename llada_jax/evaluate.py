@@ -3,10 +3,13 @@
   python -m llada_jax.evaluate --checkpoint RUN_DIR --task {mc,scores,ppl,gsm8k,demo} --data FILE \\
       [--tokenizer PATH] [--mc_num 128] [--batch_size 16] [--cfg_scale 0] \\
       [--gen_length 256] [--steps N] [--block_length 32] [--temperature 0] [--cache none] \\
-      [--threshold T] [--limit N] [--output results.json] [--seed 0]
+      [--threshold T] [--limit N] [--output results.json] [--seed 0] \\
+      [--mesh.data N] [--mesh.fsdp N] [--mesh.tensor N]
 
 Prints a one-table summary and, with --output, writes the metrics and per-example records as
-JSON. Data formats are listed in `llada_jax.eval.tasks`.
+JSON. Data formats are listed in `llada_jax.eval.tasks`. The parameters are sharded over the mesh
+(default: the run's own when it fits these devices, else every device on data) and each batch is
+split over its data x fsdp devices.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Sequence
 import jax
 from absl import app, flags
 
-from llada_jax import cli
+from llada_jax import cli, placement
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.eval import likelihood, tasks as tasks_lib
 from llada_jax.storage import checkpoint as ckpt_lib, files
@@ -64,6 +67,8 @@ flags.DEFINE_integer("refresh_every", 0, "Generation: with a cache, also recompu
                      "block starts only.", flag_values=FLAGS)
 flags.DEFINE_float("threshold", None, "Generation: confidence-threshold parallel decoding.", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.", flag_values=FLAGS)
+cli.define_mesh_flags(FLAGS)
+cli.define_distributed_flag(FLAGS)
 flags.mark_flags_as_required(["checkpoint", "task", "data"], flag_values=FLAGS)
 
 
@@ -88,6 +93,7 @@ def evaluate(args) -> dict[str, Any]:
   """Runs one task as the flags (`args`, read by attribute) say; returns the JSON-able result."""
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit={args.limit}: expected a positive number of examples")
+  requested_mesh = cli.mesh_flags(args)
   examples = tasks_lib.load_task(args.task, args.data, args.limit)
   # Bad flags fail before the model is loaded.
   if args.task in GENERATION_TASKS:
@@ -95,7 +101,10 @@ def evaluate(args) -> dict[str, Any]:
   else:
     likelihood.check_budget(args.mc_num, args.batch_size, args.cfg_scale)
   overrides = {"dtype": args.dtype} if args.dtype else None
-  model_cfg, params, run_config = ckpt_lib.load_model(args.checkpoint, step=args.step, overrides=overrides)
+  step, run_config = ckpt_lib.read_run_config(args.checkpoint, args.step)
+  place = placement.for_run(run_config, requested_mesh)
+  model_cfg, params, run_config = ckpt_lib.load_model(args.checkpoint, step=step, overrides=overrides,
+                                                      mesh=place.mesh, rules=place.rules)
   tokenizer_path = args.tokenizer or (run_config.get("data") or {}).get("tokenizer")
   if not tokenizer_path:
     raise ValueError(f"{args.checkpoint}: the run config names no data.tokenizer; pass --tokenizer")
@@ -106,7 +115,7 @@ def evaluate(args) -> dict[str, Any]:
 
   start = time.perf_counter()
   if args.task in LIKELIHOOD_TASKS:
-    score_kwargs = dict(mc_num=args.mc_num, batch_size=args.batch_size, cfg_scale=args.cfg_scale)
+    score_kwargs = dict(mc_num=args.mc_num, batch_size=args.batch_size, cfg_scale=args.cfg_scale, placement=place)
     if args.task == "mc":
       out = tasks_lib.run_multiple_choice(params, model_cfg, tokenizer, examples, key, chat_template=chat_template,
                                           append_eos=args.append_eos, **score_kwargs)
@@ -119,12 +128,13 @@ def evaluate(args) -> dict[str, Any]:
   else:
     sampler_config = sampler_config_from_args(args, tokenizer.eot_id)
     out = tasks_lib.run_generation(params, model_cfg, tokenizer, examples, sampler_config, key, task=args.task,
-                                   batch_size=args.batch_size, chat_template=chat_template)
+                                   batch_size=args.batch_size, chat_template=chat_template, placement=place)
   elapsed = time.perf_counter() - start
   if args.task in GENERATION_TASKS:  # compilation included
     out["metrics"]["tokens_per_s"] = len(examples) * args.gen_length / elapsed
   settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
   settings["chat_template"] = chat_template
+  settings["mesh"] = dict(place.mesh.shape)
   settings["tokenizer"] = os.fspath(tokenizer_path)
   return {"task": args.task, "n": len(examples), "metrics": out["metrics"], "time_s": elapsed,
           "settings": settings, "records": out["records"]}
@@ -147,8 +157,11 @@ def _command(positional: list[str]) -> int:
   args = types.SimpleNamespace(**FLAGS.flag_values_dict())
   if args.output:
     files.check_output_file(args.output, "--output")  # before the work it would hold
+  lead = cli.start_distributed(args)
   with cli.device_memory_hint("--batch_size" + (" or --gen_length" if args.task in GENERATION_TASKS else "")):
     result = evaluate(args)
+  if not lead:
+    return 0
   print(format_table(result))
   if args.output:
     try:

@@ -8,6 +8,9 @@ Input JSONL lines need a string `prompt` field. Output lines are `{"prompt": ...
 (stdout without --output). The completion is decoded up to the first EOS, with end-of-turn markers
 removed. Each prompt draws its randomness from `fold_in(key(seed), index)` and is padded and masked so that
 its completion does not depend on --batch_size or on the other prompts.
+
+The parameters are sharded over a device mesh and each batch split over its data x fsdp devices:
+`--mesh.data`, `--mesh.fsdp`, `--mesh.tensor` (default: the run's own mesh when it fits, else all data).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llada_jax import cli, sampling
+from llada_jax import cli, placement, sampling
 from llada_jax.data import readers
 from llada_jax.data import tokenizer as tokenizer_lib
 from llada_jax.data.errors import DataError
@@ -57,6 +60,8 @@ flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call.", flag_values=F
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.", flag_values=FLAGS)
 flags.DEFINE_string("output", None, "JSONL output file (default: stdout).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Root of every prompt's random key.", flag_values=FLAGS)
+cli.define_mesh_flags(FLAGS)
+cli.define_distributed_flag(FLAGS)
 flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
 flags.mark_flags_as_mutual_exclusive(["prompt", "input"], required=True, flag_values=FLAGS)
 
@@ -89,13 +94,17 @@ def run(args) -> list[dict]:
   """Completions of the prompts as the flags (`args`, read by attribute) say."""
   if args.batch_size <= 0:
     raise ValueError(f"--batch_size={args.batch_size}: expected a positive integer")
+  requested_mesh = cli.mesh_flags(args)
   # Inputs first: a bad file fails before the model is loaded.
   texts = check_prompt_flags(args.prompt) if args.input is None else read_prompts(args.input)
   if not texts:
     raise DataError("no prompts found; expected at least one line with a 'prompt' field", path=args.input)
 
   overrides = {"dtype": args.dtype} if args.dtype else None
-  model_cfg, params, run_config = checkpoint.load_model(args.checkpoint, step=args.step, overrides=overrides)
+  step, run_config = checkpoint.read_run_config(args.checkpoint, args.step)
+  place = placement.for_run(run_config, requested_mesh)
+  model_cfg, params, run_config = checkpoint.load_model(args.checkpoint, step=step, overrides=overrides,
+                                                        mesh=place.mesh, rules=place.rules)
   tok_path = args.tokenizer or (run_config.get("data") or {}).get("tokenizer")
   if not tok_path:
     raise ValueError("no tokenizer: pass --tokenizer (the run config has no data.tokenizer)")
@@ -118,7 +127,7 @@ def run(args) -> list[dict]:
     # A short last batch is filled with copies so every batch reuses one compilation.
     batch = batch + [batch[-1]] * (args.batch_size - n)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.arange(first, first + len(batch)))
-    out = sampling.sample_from_ids(params, model_cfg, batch, keys, config)
+    out = sampling.sample_from_ids(params, model_cfg, batch, keys, config, placement=place)
     tokens = np.asarray(out.tokens)[:n]
     nfe += int(out.nfe)
     for i in range(n):
@@ -127,7 +136,7 @@ def run(args) -> list[dict]:
   seconds = time.perf_counter() - start
   generated = len(prompt_ids) * config.gen_length
   print(f"{len(prompt_ids)} prompts, {generated} tokens in {seconds:.2f}s ({generated / seconds:.1f} tokens/s, "
-        f"compilation included), {nfe} forward passes", file=sys.stderr)
+        f"compilation included), {nfe} forward passes on mesh {dict(place.mesh.shape)}", file=sys.stderr)
   return results
 
 
@@ -137,8 +146,11 @@ def _command(positional: list[str]) -> int:
   args = types.SimpleNamespace(**FLAGS.flag_values_dict())
   if args.output:
     files.check_output_file(args.output, "--output")  # before the work it would hold
+  lead = cli.start_distributed(args)
   with cli.device_memory_hint(f"--batch_size (now {args.batch_size}) or --gen_length (now {args.gen_length})"):
     results = run(args)
+  if not lead:
+    return 0
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
   if args.output:
     try:

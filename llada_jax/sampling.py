@@ -28,7 +28,8 @@ block and per step, and only for the current block, so it does not depend on P e
 
 Everything runs in one jitted function with `lax` loops; it is compiled once per batch size,
 padded prompt length, `SamplerConfig` and model config. `pad_prompts` buckets prompt lengths
-(16, 24, 32, 48, 64, 96, ...) so varied prompts reuse a few compilations.
+(16, 24, 32, 48, 64, 96, ...) so varied prompts reuse a few compilations. With a `placement` the
+parameters are sharded over its mesh and the rows split over its batch shards (`llada_jax.placement`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax import model as model_lib
+from llada_jax import model as model_lib, placement as placement_lib
 
 Array = jax.Array
 
@@ -378,9 +379,29 @@ def _sample(params, prompts, prompt_lengths, row_keys, *, model_cfg, config: Sam
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model_cfg, config: SamplerConfig, compiler_options: tuple | None):
+def _compiled(model_cfg, config: SamplerConfig, compiler_options: tuple | None,
+              placement: placement_lib.Placement | None = None, key_impl=None):
   fn = functools.partial(_sample, model_cfg=model_cfg, config=config)
-  return jax.jit(fn, compiler_options=dict(compiler_options) if compiler_options else None)
+  options = dict(compiler_options) if compiler_options else None
+  if placement is None:
+    return jax.jit(fn, compiler_options=options)
+
+  def on_mesh(params, prompts, prompt_lengths, key_data):
+    # Keys travel as raw data: that is what can be split over the devices of every process.
+    return fn(params, prompts, prompt_lengths, jax.random.wrap_key_data(key_data, impl=key_impl))
+
+  return placement_lib.jit(on_mesh, placement, compiler_options=options)
+
+
+def _sample_on_mesh(fn, params, model_cfg, prompts, prompt_lengths, row_keys, placement) -> SampleOutput:
+  """`fn` with the batch split over the placement's shards; the padding rows are dropped again.
+  They copy the last row, so the batch-wide counts (forward passes, steps per block) are unchanged."""
+  n = prompts.shape[0]
+  params = placement_lib.put_params(params, model_cfg, placement)
+  prompts, prompt_lengths = placement_lib.put_batch(placement, [np.asarray(prompts), np.asarray(prompt_lengths)])
+  out = fn(params, prompts, prompt_lengths, placement_lib.put_keys(placement, row_keys))
+  per_row = ("tokens", "history", "commit_confidence")
+  return out._replace(**{f: getattr(out, f)[:n] for f in per_row if getattr(out, f) is not None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,11 +442,14 @@ def _check_prompts(prompts, prompt_lengths, model_cfg) -> None:
 
 
 def sample(params, model_cfg: model_lib.ModelConfig, prompts, prompt_lengths, key,
-           config: SamplerConfig, *, compiler_options: Mapping[str, Any] | None = None) -> SampleOutput:
+           config: SamplerConfig, *, compiler_options: Mapping[str, Any] | None = None,
+           placement: placement_lib.Placement | None = None) -> SampleOutput:
   """Generates `config.gen_length` tokens after each prompt; also returns the forward-pass counts.
 
   prompts: int32 [B, P], LEFT-padded (any pad id below vocab_size); prompt_lengths: int32 [B],
   the real lengths. key: one PRNG key (row r uses `fold_in(key, r)`) or one key per row.
+  placement: run on its mesh, the rows split over its batch shards (`llada_jax.placement`); every
+  row's tokens are those of the default device up to float rounding of the sharded model.
   """
   prompts = jnp.asarray(prompts, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
@@ -434,8 +458,11 @@ def sample(params, model_cfg: model_lib.ModelConfig, prompts, prompt_lengths, ke
     raise ValueError(f"sampler.eot_token_id={config.eot_token_id}: expected an id below the model's "
                      f"vocab_size={model_cfg.vocab_size}")
   options = tuple(sorted(compiler_options.items())) if compiler_options else None
-  fn = _compiled(model_cfg, config, options)
-  return fn(params, prompts, prompt_lengths, _row_keys(key, prompts.shape[0]))
+  row_keys = _row_keys(key, prompts.shape[0])
+  if placement is None:
+    return _compiled(model_cfg, config, options)(params, prompts, prompt_lengths, row_keys)
+  fn = _compiled(model_cfg, config, options, placement, jax.random.key_impl(row_keys))
+  return _sample_on_mesh(fn, params, model_cfg, prompts, prompt_lengths, row_keys, placement)
 
 
 def generate(params, model_cfg: model_lib.ModelConfig, prompts, prompt_lengths, key,

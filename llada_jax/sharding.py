@@ -8,6 +8,7 @@ activation `[batch, length, embed]`, whose batch already took `fsdp`, keeps `emb
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -98,6 +99,21 @@ def logical_to_shardings(logical_specs, mesh: Mesh, rules):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def check_divisible(abstract_tree, shardings, what: str = "parameter") -> None:
+  """Every dimension that `shardings` split has a size its mesh axes divide; else a ValueError that
+  names the first array and axis that do not (restoring onto an uneven split fails with neither)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  for (path, leaf), sh in zip(leaves, jax.tree_util.tree_leaves(shardings)):
+    for dim, axes in enumerate(sh.spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      split = math.prod(sh.mesh.shape[a] for a in axes)
+      if split > 1 and leaf.shape[dim] % split:
+        on = " x ".join(f"{a}={sh.mesh.shape[a]}" for a in axes)
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        raise ValueError(f"{what} {name} has size {leaf.shape[dim]} along dimension {dim}, which the mesh's "
+                         f"{on} does not divide; expected mesh axis sizes that divide the model's dimensions")
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Leading (batch) dimension split like the model's `batch` logical axis; the rest replicated."""
   spec = nn.logical_to_mesh_axes(("batch",), rules)
@@ -115,13 +131,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding, *, whole: bool = False) -> dict:
   """Each process's rows -> global jax.Arrays split along the batch dimension.
 
   Processes hold consecutive blocks of the global batch in process order, as the data pipelines
-  shard by process index.
+  shard by process index. `whole`: every process holds the whole, identical batch (generation and
+  evaluation read the same inputs everywhere) and each device takes its own rows of it.
   """
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+  def put(v):
+    v = np.asarray(v)
+    return jax.make_array_from_process_local_data(sharding, v, v.shape if whole else None)
+
+  return {k: put(v) for k, v in local_batch.items()}
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+  """Inside a trace: the model's activation constraints (`nn.with_logical_constraint`) resolve
+  against `mesh` with `rules`; without this they are no-ops. The abstract mesh is entered (a
+  concrete `jax.set_mesh` is not allowed under jit), so callers need no context of their own."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 DISTRIBUTED_MODES = (False, True, "auto")

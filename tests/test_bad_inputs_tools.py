@@ -14,7 +14,7 @@ import pytest
 
 from llada_jax import convert, evaluate, generate, tokenizer as tokenizer_cli
 from llada_jax.data import tokenizer as tok_lib
-from llada_jax.storage import files, huggingface
+from llada_jax.storage import checkpoint as ckpt_lib, files, huggingface
 from tests.test_convert import hf_config, hf_tensors, write_hf_dir
 from tests import helpers
 
@@ -450,8 +450,13 @@ def _out_of_memory(*args, **kwargs):
                                    "BufferAssignment OOM Debugging.\nmore lines")
 
 
+def _no_run_config(*args, **kwargs):
+  return 1, {}  # a run with no mesh of its own: the tools then put every device on data
+
+
 @pytest.mark.parametrize("tool", ["generate", "evaluate"])
 def test_out_of_device_memory_is_one_line_with_a_hint(tmp_path, capsys, mc_data, monkeypatch, tool):
+  monkeypatch.setattr(ckpt_lib, "read_run_config", _no_run_config)
   if tool == "generate":
     monkeypatch.setattr(generate.checkpoint, "load_model", _out_of_memory)
     rc = _generate(tmp_path, "--prompt", "hi")
@@ -466,6 +471,7 @@ def test_other_runtime_errors_are_not_disguised(tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
+  monkeypatch.setattr(ckpt_lib, "read_run_config", _no_run_config)
   monkeypatch.setattr(generate.checkpoint, "load_model", broken)
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     _generate(tmp_path, "--prompt", "hi")

@@ -8,6 +8,7 @@ sample candidate answers with no verifier at all. GSM8K-style scoring compares t
 from __future__ import annotations
 
 import decimal
+import functools
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -92,26 +93,28 @@ def completion_ids(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
   return out
 
 
-def _default_sample_fn(params, model_cfg, prompts, keys, config):
+def _default_sample_fn(params, model_cfg, prompts, keys, config, *, placement=None):
   from llada_jax import sampling  # noqa: PLC0415 - generation only; keeps likelihood scoring light
-  return sampling.sample_from_ids(params, model_cfg, prompts, keys, config).tokens
+  return sampling.sample_from_ids(params, model_cfg, prompts, keys, config, placement=placement).tokens
 
 
 def evaluate_generation(params, model_cfg: ModelConfig, tokenizer: Tokenizer,
                         examples: Sequence[Mapping[str, Any]], sampler_config, key: jax.Array, *,
                         batch_size: int = 8, chat_template: bool = False, verifier: Verifier | None = None,
-                        sample_fn: SampleFn | None = None, prompt_field: str = "prompt") -> dict[str, Any]:
+                        sample_fn: SampleFn | None = None, prompt_field: str = "prompt",
+                        placement=None) -> dict[str, Any]:
   """Samples one completion per example and scores it with `verifier(example, completion_text)`.
 
   Returns {"accuracy" (None without a verifier), "n", "n_correct", "records"}, each record
   {"prompt", "completion", "correct"}. Example i samples with fold_in(key, i), so its completion
   does not depend on the batch size; a short last batch is filled with copies of its last prompt
   so every call has the same shape. `sample_fn(params, model_cfg, prompt_ids, keys, sampler_config)`
-  -> ids [B, gen_length] defaults to `sampling.sample_from_ids`.
+  -> ids [B, gen_length] defaults to `sampling.sample_from_ids`, on `placement`'s mesh when given
+  (`llada_jax.placement`; a custom `sample_fn` places its own work).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected a positive integer")
-  sample_fn = sample_fn or _default_sample_fn
+  sample_fn = sample_fn or functools.partial(_default_sample_fn, placement=placement)
   records = []
   for start in range(0, len(examples), batch_size):
     batch = list(examples[start:start + batch_size])

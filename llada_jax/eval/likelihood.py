@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax import diffusion as D
-from llada_jax import model as model_lib, sampling
+from llada_jax import model as model_lib, placement as placement_lib, sampling
 from llada_jax.model import LogitsFn, ModelConfig
 
 Array = jax.Array
@@ -62,9 +62,8 @@ def _model_logits_fn(model_cfg: ModelConfig) -> LogitsFn:
   return model_lib.logits_fn(model_cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "mask_id", "n_rows", "n_rounds", "guided"))
-def _score_chunk(params, tokens, prompt_lengths, lengths, keys, cfg_scale, *, logits_fn, mask_id, n_rows,
-                 n_rounds, guided):
+def _score_chunk_fn(params, tokens, prompt_lengths, lengths, keys, cfg_scale, *, logits_fn, mask_id, n_rows,
+                    n_rounds, guided):
   """Mean over `n_rounds` stratified rounds of `n_rows` samples: ELBO estimates [E]."""
   e, t = tokens.shape
   answer = D.answer_mask(prompt_lengths, lengths, t)
@@ -84,6 +83,34 @@ def _score_chunk(params, tokens, prompt_lengths, lengths, keys, cfg_scale, *, lo
 
   total, _ = jax.lax.scan(one_round, jnp.zeros((e,), jnp.float32), jnp.arange(n_rounds))
   return total / n_rounds
+
+
+_score_chunk = jax.jit(_score_chunk_fn, static_argnames=("logits_fn", "mask_id", "n_rows", "n_rounds", "guided"))
+
+
+@functools.lru_cache(maxsize=32)
+def _scorer_on_mesh(placement: placement_lib.Placement, key_impl, **static):
+  """`_score_chunk` jitted for one bucket's static parameters on `placement`'s mesh. Keys come as
+  raw data: that is what splits over the devices of every process."""
+  fn = functools.partial(_score_chunk_fn, **static)
+
+  def on_mesh(params, tokens, prompt_lengths, lengths, key_data, cfg_scale):
+    keys = jax.random.wrap_key_data(key_data, impl=key_impl)
+    return fn(params, tokens, prompt_lengths, lengths, keys, cfg_scale)
+
+  return placement_lib.jit(on_mesh, placement)
+
+
+def _score_rows(params, tokens, prompt_lengths, lengths, keys, cfg_scale, placement, static) -> np.ndarray:
+  """ELBO estimates of one chunk's rows; on a mesh the rows are split over its batch shards."""
+  if placement is None:
+    return np.asarray(_score_chunk(params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), jnp.asarray(lengths),
+                                   keys, jnp.float32(cfg_scale), **static), np.float64)
+  fn = _scorer_on_mesh(placement, jax.random.key_impl(keys), **static)
+  placed = placement_lib.put_batch(placement, [tokens, prompt_lengths, lengths])
+  # A NumPy scalar is an input every process holds alike; a one-device array would not span the mesh.
+  scores = fn(params, *placed, placement_lib.put_keys(placement, keys), np.float32(cfg_scale))
+  return np.asarray(scores, np.float64)[:tokens.shape[0]]
 
 
 def bucket_length(n: int) -> int:
@@ -127,7 +154,8 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
                   answers: Sequence[Sequence[int]], key: Array, *, mc_num: int = 128, batch_size: int = 16,
                   cfg_scale: float = 0.0, example_ids: Sequence[int] | None = None,
                   logits_fn: LogitsFn | None = None,
-                  max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD) -> np.ndarray:
+                  max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD,
+                  placement: placement_lib.Placement | None = None) -> np.ndarray:
   """ELBO estimates of log p(answer | prompt), a sum over answer tokens, one per example [N].
 
   mc_num: samples per example, a multiple of `batch_size`; each round of `batch_size` rows is one
@@ -138,6 +166,8 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
   example_ids: the ids folded into `key` per example (default 0..N-1); equal ids give equal
     draws, e.g. to share noise between the choices of one question.
   logits_fn: defaults to the model's; any `(params, tokens, *, key_mask) -> logits`.
+  placement: run on its mesh with the examples split over its batch shards (`llada_jax.placement`);
+    the estimates equal the default device's up to float rounding of the sharded model.
   """
   if len(prompts) != len(answers):
     raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected one answer per prompt")
@@ -150,6 +180,8 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
     raise ValueError(f"{len(example_ids)} example_ids for {n} examples; expected one per example")
   if n == 0:
     return np.zeros((0,), np.float64)
+  if placement is not None:
+    params = placement_lib.put_params(params, None if logits_fn else model_cfg, placement)
   logits_fn = logits_fn or _model_logits_fn(model_cfg)
   guided = cfg_scale > 0
   passes = 2 if guided else 1
@@ -173,6 +205,8 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
     n_rows, n_rounds = (1, 1) if bucket.single_token else (batch_size, mc_num // batch_size)
     per_example = n_rows * bucket.length * passes
     chunk = max(1, min(_pow2_floor(max_tokens_per_forward // per_example), _pow2_ceil(len(members))))
+    static = dict(logits_fn=logits_fn, mask_id=model_cfg.mask_token_id, n_rows=n_rows, n_rounds=n_rounds,
+                  guided=guided)
     for start in range(0, len(members), chunk):
       idx = members[start:start + chunk]
       # A short last chunk is filled with copies of its first example, so shapes stay fixed.
@@ -185,8 +219,6 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
         tokens[row, :seq.size] = seq
         prompt_lengths[row], lengths[row] = prompt_arrays[i].size, seq.size
       keys = D.example_keys(key, jnp.asarray(example_ids[filled], jnp.uint32))
-      scores = _score_chunk(params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), jnp.asarray(lengths), keys,
-                            jnp.float32(cfg_scale), logits_fn=logits_fn, mask_id=model_cfg.mask_token_id,
-                            n_rows=n_rows, n_rounds=n_rounds, guided=guided)
-      out[idx] = np.asarray(scores, np.float64)[:len(idx)]
+      scores = _score_rows(params, tokens, prompt_lengths, lengths, keys, cfg_scale, placement, static)
+      out[idx] = scores[:len(idx)]
   return out

@@ -179,7 +179,8 @@ def run_perplexity(params, model_cfg, tokenizer: Tokenizer, examples: Sequence[d
 
 
 def run_generation(params, model_cfg, tokenizer: Tokenizer, examples: Sequence[dict], sampler_config, key, *,
-                   task: str, batch_size: int = 8, chat_template: bool = False, sample_fn=None) -> dict:
+                   task: str, batch_size: int = 8, chat_template: bool = False, sample_fn=None,
+                   placement=None) -> dict:
   """GSM8K or the demo task: accuracy of sampled completions."""
   if task == "gsm8k":
     verifier = gen.gsm8k_verify
@@ -190,7 +191,7 @@ def run_generation(params, model_cfg, tokenizer: Tokenizer, examples: Sequence[d
     raise ValueError(f"task {task!r} is not a generation task; expected 'gsm8k' or 'demo'")
   result = gen.evaluate_generation(params, model_cfg, tokenizer, examples, sampler_config, key,
                                    batch_size=batch_size, chat_template=chat_template, verifier=verifier,
-                                   sample_fn=sample_fn)
+                                   sample_fn=sample_fn, placement=placement)
   records = []
   for ex, record in zip(examples, result["records"]):
     extracted = (gen.extract_gsm8k_answer(record["completion"]) if task == "gsm8k"

@@ -510,34 +510,69 @@ def _checkpoint_dir(path: epath.PathLike) -> epath.Path:
   return path
 
 
-def load_model(path: epath.PathLike, *, step: int | None = None, overrides: Mapping[str, Any] | None = None):
-  """(ModelConfig, params, run config dict) from a training run, for generation and evaluation.
-
-  `path` is a run's workdir or its `checkpoints/` directory. The model config comes from the run
-  metadata saved with the checkpoint; `overrides` changes numerics-only fields (e.g. dtype).
-  Parameters land on the default device.
-  """
-  from llada_jax import model as model_lib  # noqa: PLC0415 - the model is not needed to checkpoint
-
+def read_run_config(path: epath.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, run config) of a training run's checkpoint: the latest step for None. `path` is a run's
+  workdir or its `checkpoints/` directory. Cheap: no array is read."""
   directory = _checkpoint_dir(path)
   with CheckpointManager(directory, read_only=True) as manager:
     step = manager.resolve_step(step)
     config = manager.read_metadata(step).get("config")
   if not config or "model" not in config:
     raise ValueError(f"Checkpoint step {step} in {directory} has no model config in its run metadata.")
+  return step, config
+
+
+def _param_shardings(model_cfg, mesh, rules):
+  """The NamedShardings the parameters' logical axes give on `mesh`; None without a mesh."""
+  if mesh is None:
+    return None
+  from llada_jax import model as model_lib, sharding  # noqa: PLC0415
+
+  return sharding.logical_to_shardings(model_lib.logical_axes(model_cfg), mesh, rules)
+
+
+def _placed(abstract, shardings):
+  """Restore targets carrying `shardings`, so Orbax reads each array straight onto its devices."""
+  if shardings is None:
+    return abstract
+  from llada_jax import sharding  # noqa: PLC0415
+
+  sharding.check_divisible(abstract, shardings)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_model(path: epath.PathLike, *, step: int | None = None, overrides: Mapping[str, Any] | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules=None):
+  """(ModelConfig, params, run config dict) from a training run, for generation and evaluation.
+
+  `path` is a run's workdir or its `checkpoints/` directory. The model config comes from the run
+  metadata saved with the checkpoint; `overrides` changes numerics-only fields (e.g. dtype).
+  Without `mesh` the parameters land on the default device. With it every array is restored
+  directly onto the NamedSharding its logical axes give under `rules` (default: the run's
+  `sharding_rules`), never whole on one device first.
+  """
+  from llada_jax import model as model_lib, sharding  # noqa: PLC0415 - the model is not needed to checkpoint
+
+  directory = _checkpoint_dir(path)
+  step, config = read_run_config(directory, step)
   model_cfg = model_lib.ModelConfig.from_dict({**config["model"], **dict(overrides or {})})
+  if mesh is not None:
+    rules = sharding.rules_from_config(rules or config.get("sharding_rules") or sharding.DEFAULT_RULES)
   if model_cfg.lora_rank:
-    return _load_lora_model(directory, step, model_cfg, config)
-  params = load_params(directory, model_lib.abstract_params(model_cfg), step=step)
-  return model_cfg, params, config
+    return _load_lora_model(directory, step, model_cfg, config, mesh, rules)
+  abstract = _placed(model_lib.abstract_params(model_cfg), _param_shardings(model_cfg, mesh, rules))
+  return model_cfg, load_params(directory, abstract, step=step), config
 
 
-def _load_lora_model(directory, step: int, model_cfg, config):
+def _load_lora_model(directory, step: int, model_cfg, config, mesh, rules):
   """A LoRA run's adapters merged into the base it names (`checkpoint.init_from`, or the seeded init
-  it trained on without one): the plain model, as fast as the base."""
+  it trained on without one): the plain model, as fast as the base. Base and adapters are read
+  onto the mesh and merged there, so no device ever holds a whole unsharded model."""
   from llada_jax import lora, model as model_lib  # noqa: PLC0415
 
-  adapters_abstract, base_abstract = lora.split(model_lib.abstract_params(model_cfg))
+  full_sh = _param_shardings(model_cfg, mesh, rules)
+  adapters_abstract, base_abstract = lora.split(_placed(model_lib.abstract_params(model_cfg), full_sh))
+  base_sh = None if full_sh is None else lora.split(full_sh)[1]
   adapters = load_params(directory, adapters_abstract, step=step)
   source = config.get("checkpoint", {}).get("init_from", "")
   if source:
@@ -545,7 +580,14 @@ def _load_lora_model(directory, step: int, model_cfg, config):
     base = load_params(_checkpoint_dir(source), base_abstract, step=None if base_step < 0 else base_step)
   else:
     # Jitted as training's `state.random_base` is: the eager init rounds differently in the last bit.
-    base = jax.jit(lambda k: lora.split(model_lib.init_params(model_cfg, k))[1])(jax.random.key(config.get("seed", 0)))
-  if model_cfg.lora_base_dtype:  # as training held it
-    base = jax.tree_util.tree_map(lambda x: x.astype(model_cfg.lora_base_dtype), base)
-  return lora.base_config(model_cfg), lora.merge(lora.combine(base, adapters), model_cfg), config
+    init = lambda k: lora.split(model_lib.init_params(model_cfg, k))[1]  # noqa: E731
+    base = jax.jit(init, out_shardings=base_sh)(jax.random.key(config.get("seed", 0)))
+
+  def merge(base, adapters):
+    if model_cfg.lora_base_dtype:  # as training held it
+      base = jax.tree_util.tree_map(lambda x: x.astype(model_cfg.lora_base_dtype), base)
+    return lora.merge(lora.combine(base, adapters), model_cfg)
+
+  merged_cfg = lora.base_config(model_cfg)
+  merged = jax.jit(merge, out_shardings=_param_shardings(merged_cfg, mesh, rules))(base, adapters)
+  return merged_cfg, merged, config

@@ -8,7 +8,6 @@ exactly what an uninterrupted one would, and reference ELBOs computed ahead of t
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -124,7 +123,7 @@ def with_activation_rules(fn, mesh, rules):
   the trace (a concrete `jax.set_mesh` is not allowed under jit), so callers need no context.
   """
   def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    with sharding.activation_rules(mesh, rules):
       return fn(*args)
 
   return traced
