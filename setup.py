@@ -21,7 +21,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # lm-eval too, so that the harness tests run rather than skip.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "lm-eval==0.4.13"],
+    # The lm-evaluation-harness model `llada_jax` (llada_jax/harness); pinned: it subclasses lm-eval's LM.
+    "eval": ["lm-eval==0.4.13"],
 }
 
 setuptools.setup(
