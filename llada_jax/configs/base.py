@@ -8,6 +8,9 @@ locked, so a mistyped key is an error that names it. It is read in one place,
 
 from __future__ import annotations
 
+import glob
+import os
+
 import ml_collections
 
 from llada_jax import optim, sharding
@@ -86,6 +89,22 @@ def base_config() -> ml_collections.ConfigDict:
   # refused unless this is True (docs/usage.md, "Resuming").
   c.checkpoint.allow_config_change = False
 
+  # Evaluation during training (llada_jax.training.evaluation; docs/usage.md, "Evaluation during
+  # training"): validation ELBOs and, with `task`, greedy generation accuracy, logged as eval/*.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0: off; else every this many steps and at the end of the run
+  c.eval.validation_files = ()  # held-out files in the format of data.train_files for the objective
+  c.eval.max_examples = 64  # the first examples of the validation and task files
+  c.eval.mc_num = 16  # Monte Carlo samples per answer
+  c.eval.mc_batch_size = 4  # rows per stratified round; mc_num / mc_batch_size rounds give the standard error
+  c.eval.seed = 0  # evaluation keys: the same at every evaluation, apart from the training keys
+  c.eval.task = ""  # "", "demo" or "gsm8k": generation accuracy on task_data
+  c.eval.task_data = ""  # the task's JSONL file
+  c.eval.gen_length = 64
+  c.eval.steps = 0  # sampling steps; 0: gen_length
+  c.eval.block_length = 32
+  c.eval.batch_size = 8  # prompts per sampler call
+
   c.logging = ml_collections.ConfigDict()
   c.logging.every_steps = 10
   c.logging.progress_bar = True
@@ -137,6 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("checkpoint.max_to_keep", "a positive integer")
   if config.checkpoint.on_damaged not in ON_DAMAGED:
     fail("checkpoint.on_damaged", f"one of {ON_DAMAGED}")
+  _validate_eval(config, fail)
   if config.logging.every_steps < 1:
     fail("logging.every_steps", "a positive integer")
   if config.distributed.initialize not in sharding.DISTRIBUTED_MODES:
@@ -168,3 +188,44 @@ def _validate_vrpo(config, fail) -> None:
   n = v.n_timesteps * v.masks_per_timestep  # naive DPO runs one copy per answer and ignores copy_chunks
   if v.copy_chunks < 1 or (config.objective == "vrpo" and n % v.copy_chunks):
     fail("vrpo.copy_chunks", f"a divisor of the budget n = {n} (noised copies per answer)")
+
+
+EVAL_TASKS = ("", "demo", "gsm8k")
+
+
+def _missing(path: str) -> bool:
+  """A local path (or glob) that names no file; remote paths are checked when read."""
+  if not path or "://" in path:
+    return not path
+  return not (glob.glob(path) if glob.has_magic(path) else os.path.isfile(path))
+
+
+def _validate_eval(config, fail) -> None:
+  e = config.eval
+  if e.every_steps < 0:
+    fail("eval.every_steps", "an integer >= 0 (0: no evaluation during training)")
+  for field in ("max_examples", "mc_batch_size", "gen_length", "block_length", "batch_size"):
+    if e[field] < 1:
+      fail(f"eval.{field}", "a positive integer")
+  if e.mc_num < 1 or e.mc_num % e.mc_batch_size:
+    fail("eval.mc_num", f"a positive multiple of eval.mc_batch_size={e.mc_batch_size} (Monte Carlo samples)")
+  if e.steps < 0:
+    fail("eval.steps", "an integer >= 0 (0: gen_length)")
+  if e.task not in EVAL_TASKS:
+    fail("eval.task", f"one of {EVAL_TASKS}")
+  if e.task and not e.task_data:
+    fail("eval.task_data", f"the JSONL file of eval.task={e.task!r}")
+  blocks = e.gen_length // min(e.block_length, e.gen_length)
+  if e.task and e.gen_length % min(e.block_length, e.gen_length):
+    fail("eval.block_length", f"a divisor of eval.gen_length={e.gen_length}")
+  if e.task and (e.steps or e.gen_length) % blocks:
+    fail("eval.steps", f"a multiple of the {blocks} blocks of eval.gen_length / eval.block_length (0: gen_length)")
+  if e.every_steps == 0:
+    return
+  if not e.validation_files and not e.task:
+    fail("eval.validation_files", "at least one held-out file with eval.every_steps > 0 (or an eval.task)")
+  for path in e.validation_files:
+    if _missing(path):
+      fail("eval.validation_files", f"existing files; no file {path!r}")
+  if e.task and _missing(e.task_data):
+    fail("eval.task_data", "an existing JSONL file")

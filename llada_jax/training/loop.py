@@ -19,7 +19,8 @@ from absl import logging
 
 from llada_jax import configs, data as data_lib, lora, metrics as metrics_lib, sharding
 from llada_jax.storage import checkpoint as ckpt_lib, lock as lock_lib, mirrored_writer, remote
-from llada_jax.training import build as build_lib, objectives, preemption, reference_elbo, state as state_lib
+from llada_jax.training import build as build_lib, evaluation, objectives, preemption, reference_elbo
+from llada_jax.training import state as state_lib
 
 
 class TrainingError(RuntimeError):
@@ -234,6 +235,7 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
   root_key = jax.random.key(config.seed)
   state, latest = _initial_state(config, program, manager, data_iterator, root_key)
   reference_params, reference_table = _reference(config, program, root_key)
+  evaluator = evaluation.make_evaluator(config, program)  # reads its files now: bad ones stop the run here
 
   writer = mirrored_writer.metric_writer(config.workdir)
   if latest is None:
@@ -245,7 +247,7 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
   watcher = preemption.PreemptionWatcher()
   progress = _progress_bar(config, start, end)
   log = _MetricLog(writer, program, start)
-  preempted = False
+  preempted, evaluated = False, None
   try:
     for step in range(start, end):
       try:
@@ -269,6 +271,8 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
         _check_nonfinite(state, config, done, manager)
         if progress is not None and rows:
           progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+      if evaluator is not None and done % evaluator.settings.every_steps == 0:
+        evaluated = _evaluate(evaluator, state, reference_params, done, writer, log)
       if watcher.should_stop(done):
         logging.warning("Preemption signal: saving step %d and stopping", done)
         manager.save(done, state, data_iterator=data_iterator, force=True)
@@ -278,6 +282,8 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
     if final_save or preempted:
       manager.save(final, state, data_iterator=data_iterator, force=True)
     log.flush(None, None)
+    if evaluator is not None and final_save and not preempted and evaluated != final:  # the end of training
+      _evaluate(evaluator, state, reference_params, final, writer, log)
   finally:
     watcher.close()
     manager.wait_until_finished()
@@ -286,6 +292,17 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
     if progress is not None:
       progress.close()
   return RunResult(final_step=final, state=state, preempted=preempted, metrics=log.history)
+
+
+def _evaluate(evaluator, state, frozen, step, writer, log) -> int:
+  """Writes the eval/* metrics of `state` at `step`; the time it takes is left out of throughput."""
+  start = time.perf_counter()
+  values = evaluator(state.params, frozen)
+  writer.write_scalars(step, values)
+  log.history.append({**values, "step": step})
+  log.t_last += time.perf_counter() - start
+  logging.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in values.items()}))
+  return step
 
 
 class _MetricLog:
