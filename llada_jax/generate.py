@@ -6,7 +6,12 @@
 
 Input JSONL lines need a string `prompt` field. Output lines are `{"prompt": ..., "completion": ...}`
 (stdout without --output). The completion is decoded up to the first EOS, with end-of-turn markers
-removed. Each prompt draws its randomness from `fold_in(key(seed), index)` and is padded and masked so that
+removed.
+
+Token ids instead of text: `--input_ids FILE` reads JSONL lines whose `prompt_ids` field is a list of
+token ids, used as given (no chat template, no tokenizer needed). `--output_ids` (the default with
+--input_ids) writes `{"prompt_ids": [...], "completion_ids": [...]}` lines, the completion's ids cut
+as its text is, plus `prompt` and `completion` text when a tokenizer is at hand. Each prompt draws its randomness from `fold_in(key(seed), index)` and is padded and masked so that
 its completion does not depend on --batch_size or on the other prompts.
 
 The parameters are sharded over a device mesh and each batch split over its data x fsdp devices:
@@ -24,12 +29,12 @@ from typing import Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 
-from llada_jax import cli, placement, sampling
-from llada_jax.data import readers
+from llada_jax import cli, model as model_lib, placement, sampling
+from llada_jax.data import readers, token_ids
 from llada_jax.data import tokenizer as tokenizer_lib
 from llada_jax.data.errors import DataError
-from llada_jax.eval.generation import completion_ids
 from llada_jax.storage import checkpoint, files
 
 # This tool's own flags (see cli.run_tool).
@@ -38,6 +43,10 @@ flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpo
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
 flags.DEFINE_multi_string("prompt", None, "Prompt text", flag_values=FLAGS)
 flags.DEFINE_string("input", None, "JSONL file whose lines have a 'prompt' field.", flag_values=FLAGS)
+flags.DEFINE_string("input_ids", None, "JSONL file whose lines have a 'prompt_ids' field (a list of token ids).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("output_ids", None, "Write prompt_ids and completion_ids (default: with --input_ids).",
+                  flag_values=FLAGS)
 flags.DEFINE_string("tokenizer", None, "sentencepiece .model, tokenizer.json or a directory with one (default: "
                     "the run's data.tokenizer).", flag_values=FLAGS)
 flags.DEFINE_bool("chat_template", False, "Wrap each prompt in the chat template.", flag_values=FLAGS)
@@ -63,7 +72,7 @@ flags.DEFINE_integer("seed", 0, "Root of every prompt's random key.", flag_value
 cli.define_mesh_flags(FLAGS)
 cli.define_distributed_flag(FLAGS)
 flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
-flags.mark_flags_as_mutual_exclusive(["prompt", "input"], required=True, flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["prompt", "input", "input_ids"], required=True, flag_values=FLAGS)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -90,37 +99,50 @@ def _check_tokenizer(tok, model_cfg) -> None:
                        "expected the tokenizer the model was trained with")
 
 
-def run(args) -> list[dict]:
-  """Completions of the prompts as the flags (`args`, read by attribute) say."""
-  if args.batch_size <= 0:
-    raise ValueError(f"--batch_size={args.batch_size}: expected a positive integer")
-  requested_mesh = cli.mesh_flags(args)
-  # Inputs first: a bad file fails before the model is loaded.
-  texts = check_prompt_flags(args.prompt) if args.input is None else read_prompts(args.input)
-  if not texts:
-    raise DataError("no prompts found; expected at least one line with a 'prompt' field", path=args.input)
+def _read_inputs(args) -> tuple[list[str] | None, list[tuple[int, list[int]]] | None]:
+  """(prompt texts, None) or (None, (line, prompt ids) records), the file's records checked."""
+  if args.input_ids is None:
+    texts = check_prompt_flags(args.prompt) if args.input is None else read_prompts(args.input)
+    if not texts:
+      raise DataError("no prompts found; expected at least one line with a 'prompt' field", path=args.input)
+    return texts, None
+  if args.chat_template:
+    raise ValueError("--chat_template wraps prompt text; expected --prompt or --input with it (the ids of "
+                     "--input_ids are used as given)")
+  records = token_ids.read_prompt_ids(args.input_ids)
+  if not records:
+    raise DataError(f"no prompts found; expected at least one line with a '{token_ids.FIELD}' field",
+                    path=args.input_ids)
+  return None, records
 
-  overrides = {"dtype": args.dtype} if args.dtype else None
-  step, run_config = checkpoint.read_run_config(args.checkpoint, args.step)
-  place = placement.for_run(run_config, requested_mesh)
-  model_cfg, params, run_config = checkpoint.load_model(args.checkpoint, step=step, overrides=overrides,
-                                                        mesh=place.mesh, rules=place.rules)
-  tok_path = args.tokenizer or (run_config.get("data") or {}).get("tokenizer")
-  if not tok_path:
+
+def _load_tokenizer(args, run_config, model_cfg, required: bool):
+  """The tokenizer, checked against the model; None when token ids need none and none is at hand
+  (the run's own data.tokenizer may not exist where its ids are decoded)."""
+  path = args.tokenizer or (run_config.get("data") or {}).get("tokenizer")
+  if not required and not args.tokenizer and (not path or not epath.Path(path).exists()):
+    print("no tokenizer (pass --tokenizer for text): writing token ids only", file=sys.stderr)
+    return None
+  if not path:
     raise ValueError("no tokenizer: pass --tokenizer (the run config has no data.tokenizer)")
-  tok = tokenizer_lib.load_tokenizer(tok_path)
+  tok = tokenizer_lib.load_tokenizer(path)
   _check_tokenizer(tok, model_cfg)
+  return tok
 
-  config = sampling.SamplerConfig(
+
+def _sampler_config(args, tok) -> sampling.SamplerConfig:
+  return sampling.SamplerConfig(
       gen_length=args.gen_length, block_length=args.block_length or args.gen_length,
       steps=args.steps or args.gen_length, temperature=args.temperature, remasking=args.remasking,
       cfg_scale=args.cfg_scale, suppress_eos=args.suppress_eos,
-      eos_confidence_penalty=args.eos_confidence_penalty, eot_token_id=tok.eot_id, cache=args.cache,
-      refresh_every=args.refresh_every, threshold=args.threshold)
-  prompt_ids = [tok.chat_prompt(t) if args.chat_template else tok.encode(t) for t in texts]
-  root = jax.random.key(args.seed)
+      eos_confidence_penalty=args.eos_confidence_penalty, eot_token_id=tok.eot_id if tok else None,
+      cache=args.cache, refresh_every=args.refresh_every, threshold=args.threshold)
 
-  results, nfe, start = [], 0, time.perf_counter()
+
+def _sample_all(params, model_cfg, prompt_ids, config, place, args) -> tuple[list[np.ndarray], int]:
+  """The generated ids of every prompt, and the forward passes it took."""
+  root = jax.random.key(args.seed)
+  generated, nfe = [], 0
   for first in range(0, len(prompt_ids), args.batch_size):
     batch = prompt_ids[first:first + args.batch_size]
     n = len(batch)
@@ -128,16 +150,56 @@ def run(args) -> list[dict]:
     batch = batch + [batch[-1]] * (args.batch_size - n)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.arange(first, first + len(batch)))
     out = sampling.sample_from_ids(params, model_cfg, batch, keys, config, placement=place)
-    tokens = np.asarray(out.tokens)[:n]
+    generated.extend(np.asarray(out.tokens)[:n])
     nfe += int(out.nfe)
-    for i in range(n):
-      ids = completion_ids(tok, tokens[i])
-      results.append({"prompt": texts[first + i], "completion": tok.decode(ids)})
-  seconds = time.perf_counter() - start
-  generated = len(prompt_ids) * config.gen_length
-  print(f"{len(prompt_ids)} prompts, {generated} tokens in {seconds:.2f}s ({generated / seconds:.1f} tokens/s, "
-        f"compilation included), {nfe} forward passes on mesh {dict(place.mesh.shape)}", file=sys.stderr)
+  return generated, nfe
+
+
+def _records(texts, prompt_ids, generated, tok, stops, with_ids: bool) -> list[dict]:
+  results = []
+  for i, (prompt, tokens) in enumerate(zip(prompt_ids, generated)):
+    ids = token_ids.completion_ids(tokens, stops)
+    record = {"prompt_ids": [int(t) for t in prompt], "completion_ids": ids} if with_ids else {}
+    if tok is not None:
+      record["prompt"] = texts[i] if texts is not None else tok.decode(prompt)
+      record["completion"] = tok.decode(ids)
+    results.append(record)
   return results
+
+
+def run(args) -> list[dict]:
+  """Completions of the prompts as the flags (`args`, read by attribute) say."""
+  if args.batch_size <= 0:
+    raise ValueError(f"--batch_size={args.batch_size}: expected a positive integer")
+  requested_mesh = cli.mesh_flags(args)
+  # Inputs first: a bad file fails before the model is loaded.
+  texts, id_records = _read_inputs(args)
+  with_ids = args.output_ids if args.output_ids is not None else id_records is not None
+  step, run_config = checkpoint.read_run_config(args.checkpoint, args.step)
+  if id_records is not None:  # the run config knows the vocabulary: still before the weights are read
+    declared = model_lib.ModelConfig.from_dict(run_config["model"])
+    token_ids.check_in_vocab(id_records, declared.vocab_size, declared.mask_token_id, path=args.input_ids)
+
+  overrides = {"dtype": args.dtype} if args.dtype else None
+  place = placement.for_run(run_config, requested_mesh)
+  model_cfg, params, run_config = checkpoint.load_model(args.checkpoint, step=step, overrides=overrides,
+                                                        mesh=place.mesh, rules=place.rules)
+  tok = _load_tokenizer(args, run_config, model_cfg, required=texts is not None or not with_ids)
+  config = _sampler_config(args, tok)
+  if texts is not None:
+    prompt_ids = [tok.chat_prompt(t) if args.chat_template else tok.encode(t) for t in texts]
+  else:
+    prompt_ids = [ids for _, ids in id_records]
+
+  start = time.perf_counter()
+  generated, nfe = _sample_all(params, model_cfg, prompt_ids, config, place, args)
+  seconds = time.perf_counter() - start
+  generated_tokens = len(prompt_ids) * config.gen_length
+  print(f"{len(prompt_ids)} prompts, {generated_tokens} tokens in {seconds:.2f}s "
+        f"({generated_tokens / seconds:.1f} tokens/s, compilation included), {nfe} forward passes on mesh "
+        f"{dict(place.mesh.shape)}", file=sys.stderr)
+  stops = (tok.eos_id, tok.eot_id) if tok is not None else (model_cfg.eos_token_id,)
+  return _records(texts, prompt_ids, generated, tok, stops, with_ids)
 
 
 def _command(positional: list[str]) -> int:

@@ -395,6 +395,44 @@ def test_empty_prompts_are_refused_from_flags_and_files(tmp_path, capsys):
                  f"{tmp_path / 'in.jsonl'}, line 2, field 'prompt': empty; expected a non-empty string")
 
 
+# --input_ids records: (second line of the file, what the error line says after "line 2, field ...").
+BAD_ID_RECORDS = [
+    ({"prompt_ids": "5 6 7"}, "got str; expected a non-empty list of token ids (non-negative integers)"),
+    ({"prompt_ids": []}, "empty; expected a non-empty list of token ids"),
+    ({"prompt_ids": [5, 6.5]}, "item 1 is 6.5; expected a non-empty list of token ids"),
+    ({"prompt_ids": [5, True]}, "item 1 is True; expected a non-empty list of token ids"),
+    ({"prompt_ids": [-1, 5]}, "item 0 is -1; expected a non-empty list of token ids"),
+    ({"prompt": "text"}, "missing; expected a non-empty list of token ids"),
+    ({"prompt_ids": [5, 320]}, "item 1 is 320; expected token ids below the model's vocab_size=320, and not "
+                               "its mask id 3"),
+    ({"prompt_ids": [3]}, "item 0 is 3; expected token ids below the model's vocab_size=320, and not its mask id 3"),
+]
+
+
+def _tiny_run_config(*args, **kwargs):
+  # The ids are checked against the run config's vocabulary before any weight is read.
+  model = {"vocab_size": 320, "mask_token_id": 3, "eos_token_id": 2, "bos_token_id": 1, "d_model": 8,
+           "n_layers": 1, "n_heads": 1, "mlp_hidden_size": 8}
+  return 1, {"model": model}
+
+
+@pytest.mark.parametrize("record,needle", BAD_ID_RECORDS, ids=["string", "empty", "float", "bool", "negative",
+                                                              "missing", "beyond_vocab", "mask_id"])
+def test_bad_token_id_records_name_file_line_and_field(tmp_path, capsys, monkeypatch, record, needle):
+  monkeypatch.setattr(ckpt_lib, "read_run_config", _tiny_run_config)
+  monkeypatch.setattr(ckpt_lib, "load_model", _out_of_memory)  # never reached
+  path = tmp_path / "ids.jsonl"
+  path.write_text(json.dumps({"prompt_ids": [5, 6]}) + "\n" + json.dumps(record) + "\n")
+  one_line_error(capsys, _generate(tmp_path, "--input_ids", str(path)), f"{path}, line 2, field 'prompt_ids': {needle}")
+
+
+def test_chat_template_with_token_ids_is_refused(tmp_path, capsys):
+  path = tmp_path / "ids.jsonl"
+  path.write_text(json.dumps({"prompt_ids": [5, 6]}) + "\n")
+  one_line_error(capsys, _generate(tmp_path, "--input_ids", str(path), "--chat_template"),
+                 "--chat_template wraps prompt text; expected --prompt or --input with it")
+
+
 def _output_cases(tmp_path):
   """(--output value, expected message part) for outputs that cannot be written; made on disk here."""
   (tmp_path / "adir").mkdir()

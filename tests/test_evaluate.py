@@ -185,7 +185,7 @@ def test_multiple_choice_accuracy_on_a_determinable_task(tiny, tmp_path):
   examples = tasks.load_task("mc", path)
   out = tasks.run_multiple_choice(params, cfg, IdTokenizer(), examples, jax.random.key(0), logits_fn=increment_logits,
                                   mc_num=16, batch_size=8)
-  assert out["metrics"] == {"accuracy": 1.0, "accuracy_per_token": 1.0, "n": 4}
+  assert out["metrics"] == {"accuracy": 1.0, "accuracy_per_token": 1.0, "n": 4, "elbo_se_method": "rounds"}
   assert [r["prediction"] for r in out["records"]] == [0, 2, 1, 1]
   assert out["records"][1]["n_tokens"] == [1, 2, 1, 3]
 

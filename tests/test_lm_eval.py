@@ -58,15 +58,11 @@ def run_dir(corpus, tmp_path_factory):
   return root / "run"
 
 
-@pytest.fixture(scope="module")
-def evaluated(lm_eval, run_dir, tmp_path_factory):
+def _simple_evaluate(lm_eval, lm, tmp_path_factory):
   """lm-eval's simple_evaluate of the three local tasks with the chat template: (results, model)."""
   import datasets
   from lm_eval.tasks import TaskManager
 
-  from llada_jax.harness import model
-
-  lm = model.LLaDAJaxLM(checkpoint=str(run_dir), **MODEL_ARGS)
   with pytest.MonkeyPatch.context() as mp:
     mp.chdir(REPO)  # data_files in the task files are relative to the repository root
     mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
@@ -74,6 +70,14 @@ def evaluated(lm_eval, run_dir, tmp_path_factory):
     results = lm_eval.simple_evaluate(model=lm, tasks=["llada_mc", "llada_gen", "llada_ppl"],
                                       task_manager=manager, apply_chat_template=True, log_samples=True)
   return results, lm
+
+
+@pytest.fixture(scope="module")
+def evaluated(lm_eval, run_dir, tmp_path_factory):
+  """The three local tasks on one device: (results, model)."""
+  from llada_jax.harness import model
+
+  return _simple_evaluate(lm_eval, model.LLaDAJaxLM(checkpoint=str(run_dir), **MODEL_ARGS), tmp_path_factory)
 
 
 @contextlib.contextmanager
@@ -90,6 +94,11 @@ def changed_options(lm, **changes):
 def _responses(results, task):
   samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
   return [s["resps"] for s in samples]
+
+
+def _scores(results, task) -> list[float]:
+  """Every score of a likelihood task: (score, is_greedy) responses or bare scores."""
+  return [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for doc in _responses(results, task) for r in doc]
 
 
 def test_multiple_choice_scores_are_evaluates(evaluated):
@@ -193,6 +202,37 @@ def test_long_texts_are_scored_in_windows_with_their_own_keys(evaluated):
                                           model.variant_key(lm.root_key, j), mc_num=8, batch_size=4,
                                           example_ids=[5])[0] for j, (prompt, answer) in enumerate(pieces))
   assert windowed == pytest.approx(expected, rel=1e-6)
+
+
+def test_results_on_a_mesh_are_one_devices(lm_eval, run_dir, evaluated, tmp_path_factory):
+  """data=2 x fsdp=2 x tensor=2 over the 8 fake devices: greedy text identical, ELBOs to float32
+  rounding of the sharded reductions (as tests/test_sharded_eval.py)."""
+  from llada_jax import placement as placement_lib
+  from llada_jax.harness import model
+
+  results, lm = evaluated
+  mesh_lm = model.LLaDAJaxLM(checkpoint=str(run_dir), fsdp=2, tensor=2, **MODEL_ARGS)
+  assert lm.placement is None and mesh_lm.get_model_info()["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  expected = placement_lib.param_shardings(mesh_lm.model_cfg, mesh_lm.placement)
+  for leaf, sh in zip(jax.tree_util.tree_leaves(mesh_lm.params), jax.tree_util.tree_leaves(expected)):
+    assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
+  on_mesh, _ = _simple_evaluate(lm_eval, mesh_lm, tmp_path_factory)
+  assert _responses(on_mesh, "llada_gen") == _responses(results, "llada_gen")
+  for task in ("llada_mc", "llada_ppl"):
+    np.testing.assert_allclose(_scores(on_mesh, task), _scores(results, task), rtol=2e-5)
+  assert on_mesh["results"]["llada_mc"]["acc,none"] == results["results"]["llada_mc"]["acc,none"]
+
+
+def test_mesh_model_args_follow_the_mesh_flags():
+  parse = options_lib.parse
+  assert options_lib.requested_mesh(parse({"checkpoint": "r"}), 8) is None
+  assert options_lib.requested_mesh(parse({"checkpoint": "r", "fsdp": "4"}), 8) == {"data": -1, "fsdp": 4, "tensor": 1}
+  cases = [({"fsdp": 3}, "^model_args fsdp=3: the mesh needs a multiple of 3 devices but found 8"),
+           ({"tensor": 0}, "^model_args tensor=0: expected a positive number of devices, or -1"),
+           ({"data": 2, "fsdp": 2}, "^model_args data=2 fsdp=2: the mesh takes 4 devices but found 8")]
+  for args, message in cases:
+    with pytest.raises(ModelArgsError, match=message):
+      options_lib.requested_mesh(parse({"checkpoint": "r", **args}), 8)
 
 
 def test_bad_checkpoint_and_tokenizer_name_the_model_arg(lm_eval, run_dir, tmp_path):

@@ -192,3 +192,36 @@ def test_8b_step_compiles_for_64_devices_and_fits_v5p_and_h100(recipe, mesh, tmp
     assert p["accelerators"][name]["fits"], (name, p["compiled_memory_per_device_bytes"])
     if mesh == "fsdp64":  # the shipped meshes keep 10% of HBM free
       assert p["accelerators"][name]["hbm_fraction"] <= 0.9, (name, p["compiled_memory_per_device_bytes"])
+
+
+def test_generate_plan_compiles_the_sampler_on_abstract_sharded_params():
+  from llada_jax import gen_planning, sampling
+
+  model_cfg = model_lib.ModelConfig.from_dict(tiny_config().model)
+  sampler = sampling.SamplerConfig(gen_length=8, block_length=4, steps=8, cache="dual")
+  p = gen_planning.make_generate_plan(model_cfg, sampler, mesh={"data": 2, "fsdp": 4, "tensor": 1}, gen_batch=6,
+                                      prompt_length=16, accelerators=("v5e", "h100"))
+  mem, comp = p["memory_per_device_bytes"], p["compiled_memory_per_device_bytes"]
+  assert p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and p["padded_batch"] == 8  # 6 rows over 8 shards
+  # float32 parameters, each split over fsdp=4 and copied over data: a quarter of them per device.
+  assert mem["params"] * 4 == 4 * model_cfg.num_params()
+  assert comp["argument"] == mem["params"] + mem["batch"]  # the program holds exactly these shards
+  assert comp["temp"] > 0 and comp["peak_estimate"] == comp["argument"] + comp["output"] - comp["alias"] + comp["temp"]
+  v5e = p["accelerators"]["v5e"]
+  assert v5e["fits"] and v5e["hbm_fraction"] == pytest.approx(comp["peak_estimate"] / 16e9)
+  assert "TPU v5e" in gen_planning.format_generate_plan(p) and "cache dual" in gen_planning.format_generate_plan(p)
+  with pytest.raises(ValueError, match="--device=tpu9: expected some of"):
+    gen_planning.make_generate_plan(model_cfg, sampler, mesh={"data": -1}, gen_batch=1, prompt_length=4,
+                                    accelerators=("tpu9",))
+
+
+def test_generate_plan_cli_takes_its_devices_from_the_mesh(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = subprocess.run([sys.executable, "-m", "llada_jax.plan", "--config=demo_sft", "--mode=generate",
+                         "--mesh.fsdp=2", "--device=v5e", "--gen_batch=2", "--prompt_length=16", "--gen_length=8",
+                         "--block_length=4", "--cache=dual", f"--out={out}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  p = json.loads(out.read_text())
+  assert p["mode"] == "generate" and p["n_devices"] == 2 and p["mesh"]["fsdp"] == 2
+  assert "TPU v5e" in proc.stdout and "fits" in proc.stdout

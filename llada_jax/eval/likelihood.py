@@ -11,6 +11,9 @@ is added: the reference rounds k + j L / b half to even, which ties x.5 to the e
 biases the estimate (L = 4, b = 16 uses levels 1..4 3, 5, 3, 5 times in 16); shifting a uniform
 start keeps every level equally likely, so the estimate is unbiased for the ELBO.
 
+`score_answers_and_draws` also returns every draw, [N, mc_num / batch_size rounds, batch_size rows],
+from which `eval.mc_error` gives the estimate's standard error.
+
 Every example draws from fold_in(key, example_id) and round r from fold_in(that, r), so its
 estimate does not depend on which other examples share its forward pass or how long they are.
 That also needs the per-position mask draws of one row to be the same at every padded length,
@@ -64,7 +67,8 @@ def _model_logits_fn(model_cfg: ModelConfig) -> LogitsFn:
 
 def _score_chunk_fn(params, tokens, prompt_lengths, lengths, keys, cfg_scale, *, logits_fn, mask_id, n_rows,
                     n_rounds, guided):
-  """Mean over `n_rounds` stratified rounds of `n_rows` samples: ELBO estimates [E]."""
+  """Mean over `n_rounds` stratified rounds of `n_rows` samples: ELBO estimates [E], and the draws
+  they average [E, n_rounds, n_rows]."""
   e, t = tokens.shape
   answer = D.answer_mask(prompt_lengths, lengths, t)
   key_mask = D.valid_mask(lengths, t)
@@ -78,11 +82,12 @@ def _score_chunk_fn(params, tokens, prompt_lengths, lengths, keys, cfg_scale, *,
   def one_round(total, r):
     round_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, r)
     masks, weights = D.sample_batch_elbo_masks(round_keys, answer, config)
-    estimate, _ = D.elbo_from_masks(fn, params, tokens, masks, weights, mask_id=mask_id, key_mask_bl=key_mask)
-    return total + estimate, None
+    estimate, draws = D.elbo_from_masks(fn, params, tokens, masks, weights, mask_id=mask_id, key_mask_bl=key_mask)
+    return total + estimate, draws
 
-  total, _ = jax.lax.scan(one_round, jnp.zeros((e,), jnp.float32), jnp.arange(n_rounds))
-  return total / n_rounds
+  # The mean is summed round by round as before the draws were returned too, so it stays bit for bit.
+  total, draws = jax.lax.scan(one_round, jnp.zeros((e,), jnp.float32), jnp.arange(n_rounds))
+  return total / n_rounds, jnp.moveaxis(draws, 0, 1)
 
 
 _score_chunk = jax.jit(_score_chunk_fn, static_argnames=("logits_fn", "mask_id", "n_rows", "n_rounds", "guided"))
@@ -101,16 +106,20 @@ def _scorer_on_mesh(placement: placement_lib.Placement, key_impl, **static):
   return placement_lib.jit(on_mesh, placement)
 
 
-def _score_rows(params, tokens, prompt_lengths, lengths, keys, cfg_scale, placement, static) -> np.ndarray:
-  """ELBO estimates of one chunk's rows; on a mesh the rows are split over its batch shards."""
+def _score_rows(params, tokens, prompt_lengths, lengths, keys, cfg_scale, placement,
+                static) -> tuple[np.ndarray, np.ndarray]:
+  """ELBO estimates of one chunk's rows and their draws; on a mesh the rows are split over its batch
+  shards."""
   if placement is None:
-    return np.asarray(_score_chunk(params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), jnp.asarray(lengths),
-                                   keys, jnp.float32(cfg_scale), **static), np.float64)
+    scores, draws = _score_chunk(params, jnp.asarray(tokens), jnp.asarray(prompt_lengths), jnp.asarray(lengths),
+                                 keys, jnp.float32(cfg_scale), **static)
+    return np.asarray(scores, np.float64), np.asarray(draws, np.float64)
   fn = _scorer_on_mesh(placement, jax.random.key_impl(keys), **static)
   placed = placement_lib.put_batch(placement, [tokens, prompt_lengths, lengths])
   # A NumPy scalar is an input every process holds alike; a one-device array would not span the mesh.
-  scores = fn(params, *placed, placement_lib.put_keys(placement, keys), np.float32(cfg_scale))
-  return np.asarray(scores, np.float64)[:tokens.shape[0]]
+  scores, draws = fn(params, *placed, placement_lib.put_keys(placement, keys), np.float32(cfg_scale))
+  rows = tokens.shape[0]
+  return np.asarray(scores, np.float64)[:rows], np.asarray(draws, np.float64)[:rows]
 
 
 def bucket_length(n: int) -> int:
@@ -151,11 +160,7 @@ def check_budget(mc_num: int, batch_size: int, cfg_scale: float = 0.0) -> None:
 
 
 def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]],
-                  answers: Sequence[Sequence[int]], key: Array, *, mc_num: int = 128, batch_size: int = 16,
-                  cfg_scale: float = 0.0, example_ids: Sequence[int] | None = None,
-                  logits_fn: LogitsFn | None = None,
-                  max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD,
-                  placement: placement_lib.Placement | None = None) -> np.ndarray:
+                  answers: Sequence[Sequence[int]], key: Array, **kwargs) -> np.ndarray:
   """ELBO estimates of log p(answer | prompt), a sum over answer tokens, one per example [N].
 
   mc_num: samples per example, a multiple of `batch_size`; each round of `batch_size` rows is one
@@ -169,23 +174,10 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
   placement: run on its mesh with the examples split over its batch shards (`llada_jax.placement`);
     the estimates equal the default device's up to float rounding of the sharded model.
   """
-  if len(prompts) != len(answers):
-    raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected one answer per prompt")
-  check_budget(mc_num, batch_size, cfg_scale)
-  n = len(prompts)
-  if example_ids is None:
-    example_ids = range(n)
-  example_ids = np.asarray(list(example_ids), np.int64)
-  if example_ids.shape != (n,):
-    raise ValueError(f"{len(example_ids)} example_ids for {n} examples; expected one per example")
-  if n == 0:
-    return np.zeros((0,), np.float64)
-  if placement is not None:
-    params = placement_lib.put_params(params, None if logits_fn else model_cfg, placement)
-  logits_fn = logits_fn or _model_logits_fn(model_cfg)
-  guided = cfg_scale > 0
-  passes = 2 if guided else 1
+  return score_answers_and_draws(params, model_cfg, prompts, answers, key, **kwargs)[0]
 
+
+def _checked_ids(prompts, answers, model_cfg) -> tuple[list[np.ndarray], list[np.ndarray]]:
   prompt_arrays, answer_arrays = [], []
   for i, (p, a) in enumerate(zip(prompts, answers)):
     p, a = np.asarray(p, np.int64).reshape(-1), np.asarray(a, np.int64).reshape(-1)
@@ -195,15 +187,53 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
       raise ValueError(f"answers[{i}] is empty; expected at least one token to score")
     prompt_arrays.append(p)
     answer_arrays.append(a)
+  return prompt_arrays, answer_arrays
+
+
+def _chunk_arrays(filled, prompt_arrays, answer_arrays, length, pad_id):
+  """(tokens, prompt lengths, lengths) of the examples `filled`, padded to `length`."""
+  tokens = np.full((len(filled), length), pad_id, np.int32)
+  prompt_lengths = np.zeros((len(filled),), np.int32)
+  lengths = np.zeros((len(filled),), np.int32)
+  for row, i in enumerate(filled):
+    seq = np.concatenate([prompt_arrays[i], answer_arrays[i]])
+    tokens[row, :seq.size] = seq
+    prompt_lengths[row], lengths[row] = prompt_arrays[i].size, seq.size
+  return tokens, prompt_lengths, lengths
+
+
+def score_answers_and_draws(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                            answers: Sequence[Sequence[int]], key: Array, *, mc_num: int = 128,
+                            batch_size: int = 16, cfg_scale: float = 0.0,
+                            example_ids: Sequence[int] | None = None, logits_fn: LogitsFn | None = None,
+                            max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD,
+                            placement: placement_lib.Placement | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`score_answers`' estimates [N] and the draws they average, [N, mc_num / batch_size, batch_size]
+  (a one-token answer's exact value in every place). `eval.mc_error.standard_error(draws)` is the
+  estimates' standard error."""
+  if len(prompts) != len(answers):
+    raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected one answer per prompt")
+  check_budget(mc_num, batch_size, cfg_scale)
+  n = len(prompts)
+  example_ids = np.asarray(list(range(n) if example_ids is None else example_ids), np.int64)
+  if example_ids.shape != (n,):
+    raise ValueError(f"{len(example_ids)} example_ids for {n} examples; expected one per example")
+  out, out_draws = np.zeros((n,), np.float64), np.zeros((n, mc_num // batch_size, batch_size), np.float64)
+  if n == 0:
+    return out, out_draws
+  if placement is not None:
+    params = placement_lib.put_params(params, None if logits_fn else model_cfg, placement)
+  logits_fn = logits_fn or _model_logits_fn(model_cfg)
+  guided = cfg_scale > 0
+  prompt_arrays, answer_arrays = _checked_ids(prompts, answers, model_cfg)
 
   buckets: dict[_Bucket, list[int]] = {}
   for i, (p, a) in enumerate(zip(prompt_arrays, answer_arrays)):
     buckets.setdefault(_Bucket(bucket_length(p.size + a.size), a.size == 1), []).append(i)
 
-  out = np.zeros((n,), np.float64)
   for bucket, members in sorted(buckets.items(), key=lambda kv: (kv[0].length, kv[0].single_token)):
     n_rows, n_rounds = (1, 1) if bucket.single_token else (batch_size, mc_num // batch_size)
-    per_example = n_rows * bucket.length * passes
+    per_example = n_rows * bucket.length * (2 if guided else 1)
     chunk = max(1, min(_pow2_floor(max_tokens_per_forward // per_example), _pow2_ceil(len(members))))
     static = dict(logits_fn=logits_fn, mask_id=model_cfg.mask_token_id, n_rows=n_rows, n_rounds=n_rounds,
                   guided=guided)
@@ -211,14 +241,9 @@ def score_answers(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int
       idx = members[start:start + chunk]
       # A short last chunk is filled with copies of its first example, so shapes stay fixed.
       filled = idx + [idx[0]] * (chunk - len(idx))
-      tokens = np.full((chunk, bucket.length), model_cfg.eos_token_id, np.int32)
-      prompt_lengths = np.zeros((chunk,), np.int32)
-      lengths = np.zeros((chunk,), np.int32)
-      for row, i in enumerate(filled):
-        seq = np.concatenate([prompt_arrays[i], answer_arrays[i]])
-        tokens[row, :seq.size] = seq
-        prompt_lengths[row], lengths[row] = prompt_arrays[i].size, seq.size
+      arrays = _chunk_arrays(filled, prompt_arrays, answer_arrays, bucket.length, model_cfg.eos_token_id)
       keys = D.example_keys(key, jnp.asarray(example_ids[filled], jnp.uint32))
-      scores = _score_rows(params, tokens, prompt_lengths, lengths, keys, cfg_scale, placement, static)
+      scores, draws = _score_rows(params, *arrays, keys, cfg_scale, placement, static)
       out[idx] = scores[:len(idx)]
-  return out
+      out_draws[idx] = draws[:len(idx)]  # a one-token answer's [1, 1] broadcasts to every draw
+  return out, out_draws

@@ -1,7 +1,9 @@
 """Benchmark files and the runners that score them.
 
 Each loader validates its JSONL where it enters: a bad line raises a DataError naming the file,
-the line and the field. Each runner returns {"metrics": {...}, "records": [...]}.
+the line and the field. Each runner returns {"metrics": {...}, "records": [...]}. The likelihood runners give every ELBO
+with the standard error of its Monte Carlo estimate (`elbo_se`; `elbo_se_method` says how it was
+estimated, see `eval.mc_error`).
 
   mc      {"prompt": str, "choices": [str, ...], "answer": int}   accuracy by highest ELBO
   scores  {"prompt": str, "response": str}                        ELBO per line
@@ -22,7 +24,8 @@ from llada_jax.data import readers
 from llada_jax.data.errors import DataError
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.eval import generation as gen
-from llada_jax.eval.likelihood import score_answers
+from llada_jax.eval import mc_error
+from llada_jax.eval.likelihood import score_answers_and_draws
 
 TASKS = ("mc", "scores", "ppl", "gsm8k", "demo")
 
@@ -113,6 +116,12 @@ def load_task(task: str, path: str | os.PathLike, limit: int | None = None) -> l
 # ------------------------------------------------------------------------------------ runners
 
 
+def _scored(params, model_cfg, prompts, answers, key, **score_kwargs) -> tuple[np.ndarray, np.ndarray, str]:
+  """ELBO estimates [N], their standard errors [N] and how those were estimated."""
+  scores, draws = score_answers_and_draws(params, model_cfg, prompts, answers, key, **score_kwargs)
+  return scores, mc_error.standard_error(draws), mc_error.method(draws.shape[1])
+
+
 def _answer_ids(tokenizer: Tokenizer, text: str, append_eos: bool) -> list[int]:
   return tokenizer.encode(text) + ([tokenizer.eos_id] if append_eos else [])
 
@@ -132,12 +141,12 @@ def run_multiple_choice(params, model_cfg, tokenizer: Tokenizer, examples: Seque
       answers.append(_answer_ids(tokenizer, choice, append_eos))
       ids.append(q)
       owner.append(q)
-  scores = score_answers(params, model_cfg, prompts, answers, key, example_ids=ids, **score_kwargs)
+  scores, se, se_method = _scored(params, model_cfg, prompts, answers, key, example_ids=ids, **score_kwargs)
   lengths = np.array([len(a) for a in answers])
   records, hits, hits_norm, start = [], 0, 0, 0
   for ex in examples:
     k = len(ex["choices"])
-    s, n_tok = scores[start:start + k], lengths[start:start + k]
+    s, n_tok, s_se = scores[start:start + k], lengths[start:start + k], se[start:start + k]
     start += k
     pred, pred_norm = int(np.argmax(s)), int(np.argmax(s / n_tok))
     hits += pred == ex["answer"]
@@ -145,22 +154,28 @@ def run_multiple_choice(params, model_cfg, tokenizer: Tokenizer, examples: Seque
     records.append({"line": ex.get("line"), "prompt": ex["prompt"], "answer": ex["answer"],
                     "elbo": s.tolist(), "n_tokens": n_tok.tolist(), "prediction": pred,
                     "prediction_per_token": pred_norm, "correct": pred == ex["answer"],
-                    "correct_per_token": pred_norm == ex["answer"]})
+                    "correct_per_token": pred_norm == ex["answer"],
+                    "elbo_se": [mc_error.as_field(v) for v in s_se]})
   n = len(examples)
-  return {"metrics": {"accuracy": hits / n, "accuracy_per_token": hits_norm / n, "n": n}, "records": records}
+  return {"metrics": {"accuracy": hits / n, "accuracy_per_token": hits_norm / n, "n": n,
+                      "elbo_se_method": se_method}, "records": records}
 
 
 def run_scores(params, model_cfg, tokenizer: Tokenizer, examples: Sequence[dict], key, *,
                chat_template: bool = False, append_eos: bool = False, **score_kwargs) -> dict:
   prompts = [gen.prompt_ids(tokenizer, ex["prompt"], chat_template) for ex in examples]
   answers = [_answer_ids(tokenizer, ex["response"], append_eos) for ex in examples]
-  scores = score_answers(params, model_cfg, prompts, answers, key, **score_kwargs)
+  scores, se, se_method = _scored(params, model_cfg, prompts, answers, key, **score_kwargs)
   records = [{"line": ex.get("line"), "prompt": ex["prompt"], "response": ex["response"], "elbo": float(s),
-              "n_tokens": len(a), "elbo_per_token": float(s) / len(a)}
-             for ex, s, a in zip(examples, scores, answers)]
+              "n_tokens": len(a), "elbo_per_token": float(s) / len(a), "elbo_se": mc_error.as_field(e)}
+             for ex, s, a, e in zip(examples, scores, answers, se)]
   total_tokens = sum(len(a) for a in answers)
+  # The examples' draws are independent (one example id each): their errors add in quadrature.
   metrics = {"n": len(examples), "mean_elbo": float(np.mean(scores)),
-             "elbo_per_token": float(np.sum(scores)) / total_tokens}
+             "elbo_per_token": float(np.sum(scores)) / total_tokens,
+             "mean_elbo_se": mc_error.as_field(mc_error.combined(se) / len(examples)),
+             "elbo_per_token_se": mc_error.as_field(mc_error.combined(se) / total_tokens),
+             "elbo_se_method": se_method}
   return {"metrics": metrics, "records": records}
 
 
@@ -169,13 +184,15 @@ def run_perplexity(params, model_cfg, tokenizer: Tokenizer, examples: Sequence[d
   """exp(-ELBO / tokens): an upper bound on perplexity in expectation (the ELBO bounds log p)."""
   score_kwargs.pop("cfg_scale", None)  # no prompt to guide with
   answers = [_answer_ids(tokenizer, ex["text"], append_eos) for ex in examples]
-  scores = score_answers(params, model_cfg, [[] for _ in answers], answers, key, **score_kwargs)
+  scores, se, se_method = _scored(params, model_cfg, [[] for _ in answers], answers, key, **score_kwargs)
   total_tokens = sum(len(a) for a in answers)
-  records = [{"line": ex.get("line"), "elbo": float(s), "n_tokens": len(a)}
-             for ex, s, a in zip(examples, scores, answers)]
+  records = [{"line": ex.get("line"), "elbo": float(s), "n_tokens": len(a), "elbo_se": mc_error.as_field(e)}
+             for ex, s, a, e in zip(examples, scores, answers, se)]
   nll = -float(np.sum(scores)) / total_tokens
   return {"metrics": {"n": len(examples), "nll_per_token_bound": nll, "perplexity_bound": math.exp(nll),
-                      "tokens": total_tokens}, "records": records}
+                      "tokens": total_tokens,
+                      "nll_per_token_bound_se": mc_error.as_field(mc_error.combined(se) / total_tokens),
+                      "elbo_se_method": se_method}, "records": records}
 
 
 def run_generation(params, model_cfg, tokenizer: Tokenizer, examples: Sequence[dict], sampler_config, key, *,

@@ -23,8 +23,10 @@ numbers equal those of evaluate's runners (llada_jax.eval) on one device exactly
 
 lm-eval reads is_greedy for `acc` of loglikelihood tasks and `exact_match` of multiple-choice ones.
 lm-eval's own --batch_size and --device are not used: batch_size in --model_args sets the rows of a
-stratified likelihood round (part of the estimator) and the prompts per sampler call; JAX places the
-work on its default device.
+stratified likelihood round (part of the estimator) and the prompts per sampler call. Without the
+data/fsdp/tensor model arguments JAX places the work on its default device; with any of them the
+parameters are restored sharded over that mesh and every batch is split over its data x fsdp devices
+(`llada_jax.placement`), with the same results up to float rounding of the sharded model.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from llada_jax import sampling
+from llada_jax import placement as placement_lib, sampling
 from llada_jax.data import tokenizer as tok_lib
 from llada_jax.eval import generation as gen, likelihood
 from llada_jax.harness import options as options_lib, text as text_lib
@@ -57,12 +59,26 @@ def _first_line(error: Exception) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def _placement(options: options_lib.Options) -> placement_lib.Placement | None:
+  """The mesh the data/fsdp/tensor arguments ask for, with the run's sharding rules; None: one device."""
+  requested = options_lib.requested_mesh(options)  # before the checkpoint is opened: a bad size fails first
+  if requested is None:
+    return None
+  run_config = ckpt_lib.read_run_config(options.checkpoint, options.step)[1]
+  return placement_lib.for_run(run_config, requested)
+
+
 def load_run(options: options_lib.Options):
-  """(model config, params, tokenizer, tokenizer path) of the run `options.checkpoint` names."""
+  """(model config, params, tokenizer, tokenizer path, placement or None) of the run `options.checkpoint`
+  names, the params on the placement's mesh."""
   overrides = {"dtype": options.dtype} if options.dtype else None
   try:
+    place = _placement(options)
+    mesh = {} if place is None else {"mesh": place.mesh, "rules": place.rules}
     model_cfg, params, run_config = ckpt_lib.load_model(options.checkpoint, step=options.step,
-                                                        overrides=overrides)
+                                                        overrides=overrides, **mesh)
+  except ModelArgsError:
+    raise
   except (OSError, ValueError) as e:
     raise ModelArgsError(f"model_args checkpoint={options.checkpoint}: {_first_line(e)}") from None
   path = options.tokenizer or (run_config.get("data") or {}).get("tokenizer")
@@ -74,7 +90,7 @@ def load_run(options: options_lib.Options):
     tok_lib.check_vocab(tokenizer, model_cfg.vocab_size)
   except (OSError, ValueError) as e:
     raise ModelArgsError(f"model_args tokenizer={path}: {_first_line(e)}") from None
-  return model_cfg, params, tokenizer, os.fspath(path)
+  return model_cfg, params, tokenizer, os.fspath(path), place
 
 
 def variant_key(root: jax.Array, variant: int) -> jax.Array:
@@ -107,7 +123,7 @@ class LLaDAJaxLM(LM):
   def __init__(self, **model_args: Any):
     super().__init__()
     self.options = options_lib.parse(model_args)
-    self.model_cfg, self.params, self.tokenizer, self.tokenizer_path = load_run(self.options)
+    self.model_cfg, self.params, self.tokenizer, self.tokenizer_path, self.placement = load_run(self.options)
     self.root_key = jax.random.key(self.options.seed)
     self._warned: set[str] = set()
 
@@ -160,7 +176,8 @@ class LLaDAJaxLM(LM):
       fill = size - len(batch)  # a short last batch repeats its last prompt: one compiled shape
       batch += batch[-1:] * fill
       batch_keys = jax.numpy.concatenate([batch_keys] + [batch_keys[-1:]] * fill) if fill else batch_keys
-      out = sampling.sample_from_ids(self.params, self.model_cfg, batch, batch_keys, config).tokens
+      out = sampling.sample_from_ids(self.params, self.model_cfg, batch, batch_keys, config,
+                                     placement=self.placement).tokens
       rows.append(np.asarray(out)[:size - fill])
     return np.concatenate(rows)
 
@@ -194,7 +211,7 @@ class LLaDAJaxLM(LM):
       out[scored] = likelihood.score_answers(
           self.params, self.model_cfg, [prompts[i] for i in scored], [answers[i] for i in scored], key,
           mc_num=self.options.mc_num, batch_size=self.options.batch_size, cfg_scale=cfg_scale,
-          example_ids=[doc_ids[i] for i in scored])
+          example_ids=[doc_ids[i] for i in scored], placement=self.placement)
     return out
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -278,4 +295,5 @@ class LLaDAJaxLM(LM):
   def get_model_info(self) -> dict[str, Any]:
     o = self.options
     return {"checkpoint": o.checkpoint, "step": o.step, "tokenizer": self.tokenizer_path,
-            "dtype": self.model_cfg.dtype, "seed": o.seed, "mc_num": o.mc_num, "batch_size": o.batch_size}
+            "dtype": self.model_cfg.dtype, "seed": o.seed, "mc_num": o.mc_num, "batch_size": o.batch_size,
+            "mesh": None if self.placement is None else dict(self.placement.mesh.shape)}

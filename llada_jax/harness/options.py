@@ -47,6 +47,13 @@ class Options:
   cache: str = "none"
   refresh_every: int = 0
   threshold: float | None = None
+  # Device mesh sizes, as the tools' --mesh.data/fsdp/tensor. None of them: one device (JAX's default).
+  data: int | None = None
+  fsdp: int | None = None
+  tensor: int | None = None
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 # The LLaDA reference harness calls the guidance scale `cfg`.
@@ -58,7 +65,7 @@ _OPTIONAL = {name for name, f in _FIELDS.items() if f.default is None}
 _KIND = {"step": int, "seed": int, "mc_num": int, "batch_size": int, "max_length": int, "gen_length": int,
          "steps": int, "block_length": int, "refresh_every": int, "cfg_scale": float, "temperature": float,
          "eos_confidence_penalty": float, "threshold": float, "append_eos": bool, "check_greedy": bool,
-         "suppress_eos": bool}
+         "suppress_eos": bool, "data": int, "fsdp": int, "tensor": int}
 _POSITIVE = ("mc_num", "batch_size", "max_length", "gen_length", "steps", "block_length")
 
 
@@ -140,6 +147,19 @@ def check(options: Options) -> None:
     raise ModelArgsError(f"model_args: {e}") from None
   # The sampler settings, checked on a stand-in length when each request brings its own.
   sampler_config(options, options.gen_length or options.block_length)
+
+
+def requested_mesh(options: Options, n_devices: int | None = None) -> dict[str, int] | None:
+  """The mesh the data/fsdp/tensor arguments ask for, checked against the devices as the tools'
+  --mesh.* flags are (`cli.mesh_flags`); None when none is given."""
+  from llada_jax import cli  # noqa: PLC0415 - the tools' own rules, so both agree
+
+  args = types.SimpleNamespace(**{f"mesh.{axis}": getattr(options, axis) for axis in MESH_AXES})
+  try:
+    return cli.mesh_flags(args, n_devices)
+  except ValueError as e:
+    # The tools name their flags `--mesh.x`; here they are model arguments.
+    raise ModelArgsError("model_args " + str(e).replace("--mesh.", "")) from None
 
 
 def sampler_config(options: Options, gen_length: int, eot_token_id: int | None = None):
