@@ -35,6 +35,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*"]),
+    package_data={"llada_jax.harness": ["tasks/*.yaml"]},  # lm-eval task files shipped with the model
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",

@@ -24,6 +24,25 @@ OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
 ON_DAMAGED = ("previous", "error")
 
 
+def eval_config() -> ml_collections.ConfigDict:
+  """Evaluation during training (llada_jax.training.evaluation; docs/usage.md, "Evaluation during
+  training"): validation ELBOs and, with `task`, greedy generation accuracy, logged as eval/*."""
+  e = ml_collections.ConfigDict()
+  e.every_steps = 0  # 0: off; else every this many steps and at the end of the run
+  e.validation_files = ()  # held-out files in the format of data.train_files for the objective
+  e.max_examples = 64  # the first examples of the validation and task files
+  e.mc_num = 16  # Monte Carlo samples per answer
+  e.mc_batch_size = 4  # rows per stratified round; mc_num / mc_batch_size rounds give the standard error
+  e.seed = 0  # evaluation keys: the same at every evaluation, apart from the training keys
+  e.task = ""  # "", "demo" or "gsm8k": generation accuracy on task_data
+  e.task_data = ""  # the task's JSONL file
+  e.gen_length = 64
+  e.steps = 0  # sampling steps; 0: gen_length
+  e.block_length = 32
+  e.batch_size = 8  # prompts per sampler call
+  return e
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = ""  # checkpoints, metrics.jsonl, tensorboard/; required
@@ -89,21 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   # refused unless this is True (docs/usage.md, "Resuming").
   c.checkpoint.allow_config_change = False
 
-  # Evaluation during training (llada_jax.training.evaluation; docs/usage.md, "Evaluation during
-  # training"): validation ELBOs and, with `task`, greedy generation accuracy, logged as eval/*.
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0  # 0: off; else every this many steps and at the end of the run
-  c.eval.validation_files = ()  # held-out files in the format of data.train_files for the objective
-  c.eval.max_examples = 64  # the first examples of the validation and task files
-  c.eval.mc_num = 16  # Monte Carlo samples per answer
-  c.eval.mc_batch_size = 4  # rows per stratified round; mc_num / mc_batch_size rounds give the standard error
-  c.eval.seed = 0  # evaluation keys: the same at every evaluation, apart from the training keys
-  c.eval.task = ""  # "", "demo" or "gsm8k": generation accuracy on task_data
-  c.eval.task_data = ""  # the task's JSONL file
-  c.eval.gen_length = 64
-  c.eval.steps = 0  # sampling steps; 0: gen_length
-  c.eval.block_length = 32
-  c.eval.batch_size = 8  # prompts per sampler call
+  c.eval = eval_config()
 
   c.logging = ml_collections.ConfigDict()
   c.logging.every_steps = 10

@@ -3,13 +3,17 @@
   python -m llada_jax.harness --model llada_jax --model_args checkpoint=RUN_DIR,mc_num=128,batch_size=16 \\
       --tasks TASK [--apply_chat_template] [--include_path DIR] [--output_path DIR] [--log_samples]
 
-Every argument is lm-eval's (`python -m llada_jax.harness --help`). A bad model argument or run
-directory ends with one line `error: ...` and exit status 1.
+Every argument is lm-eval's (`python -m llada_jax.harness --help`). Without `--include_path` the
+tasks shipped in llada_jax/harness/tasks (`llada_demo`: the demo's word problems) are included. A bad
+model argument or run directory ends with one line `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 
 
 def main() -> int:
@@ -22,6 +26,8 @@ def main() -> int:
   from llada_jax.harness import model  # noqa: F401, PLC0415 - registers `llada_jax`
   from llada_jax.harness.options import ModelArgsError  # noqa: PLC0415
 
+  if not any(a == "--include_path" or a.startswith("--include_path=") for a in sys.argv[1:]):
+    sys.argv += ["--include_path", TASKS_DIR]
   try:
     cli_evaluate()
   except ModelArgsError as e:
