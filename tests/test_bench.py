@@ -370,13 +370,14 @@ def test_packing_rows(cheap_steps):
 
 
 def test_lora_rows(cheap_steps):
+  # SFT only: the VRPO step with adapters is the training tests' (test_lora.py); here, the section's rows.
   argv = ["--only", "lora", "--size", "tiny", "--dtype", "float32", "--repeats", "1", "--warmup", "0",
-          "--lora_vrpo_n", "2", "--lora_rank", "2"]
+          "--lora_objectives", "sft", "--lora_rank", "2"]
   results = lora.bench_lora(core.Context(bench_cli.parse_args(argv)))
   rows = {r.name: r for r in results}
-  assert list(rows) == [f"tiny/float32/{o}/{v}" for o in ("sft", "vrpo/n2") for v in ("full", "lora", "lora_bf16")]
+  assert list(rows) == [f"tiny/float32/sft/{v}" for v in ("full", "lora", "lora_bf16")]
   cfg = sizes.size_model_config(core.Context(bench_cli.parse_args(argv)), "tiny", "float32")
-  for objective in ("sft", "vrpo/n2"):
+  for objective in ("sft",):
     full, adapters, bf16 = (rows[f"tiny/float32/{objective}/{v}"] for v in ("full", "lora", "lora_bf16"))
     assert full.settings["trainable_params"] == cfg.num_params() and full.settings["rank"] is None
     # Rank-2 adapters on every projection: r (fan_in + fan_out) per kernel.

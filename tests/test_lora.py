@@ -128,6 +128,7 @@ def test_one_step_trains_adapters_only_and_sharded_equals_single(corpus, tmp_pat
   chex.assert_trees_all_close(single, sharded, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # two short training runs and a resume: a minute and a half on 2 cores
 def test_lora_run_resumes_bit_identically_and_loads_merged(corpus, tmp_path):
   straight = train_fixtures.make_config(corpus, tmp_path / "straight", "sft", **LORA)
   result = loop.run(straight)

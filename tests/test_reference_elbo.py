@@ -317,6 +317,7 @@ def test_run_with_precomputed_reference_matches_online(corpus, tmp_path, weights
   _leaves_close(jax.device_get(online.state.params), jax.device_get(resumed.state.params))
 
 
+@pytest.mark.slow  # a precompute and two short runs: about 40 s on 2 cores
 def test_packed_precomputed_steps_equal_online_steps(corpus, tmp_path):
   """Packed row pairs: the table is keyed per pair (empty slots skipped) and fills [rows, K] batches."""
   from tests.test_packed_training import packed_batch  # noqa: PLC0415

@@ -22,6 +22,7 @@ import pytest
 from llada_jax import generate as generate_cli
 from llada_jax import model as model_lib
 from llada_jax import sampling
+from llada_jax.eval import generation
 from llada_jax.sampling import SamplerConfig
 from tests import helpers, train_fixtures
 
@@ -404,6 +405,6 @@ def test_generate_cli_prompt_to_stdout_and_bad_input(trained, tmp_path, capsys):
 
 def test_completion_ids_stop_at_eos_or_end_of_turn():
   tok = types.SimpleNamespace(eos_id=2, eot_id=9)
-  assert generate_cli.completion_ids(tok, [5, 6, 9, 7, 2, 8, 2]) == [5, 6]
-  assert generate_cli.completion_ids(tok, [5, 7, 2, 9]) == [5, 7]
-  assert generate_cli.completion_ids(tok, [5, 6]) == [5, 6]
+  assert generation.completion_ids(tok, [5, 6, 9, 7, 2, 8, 2]) == [5, 6]
+  assert generation.completion_ids(tok, [5, 7, 2, 9]) == [5, 7]
+  assert generation.completion_ids(tok, [5, 6]) == [5, 6]

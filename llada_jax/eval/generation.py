@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from llada_jax.data import token_ids
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.model import ModelConfig
 
@@ -84,13 +85,7 @@ def prompt_ids(tokenizer: Tokenizer, text: str, chat_template: bool) -> list[int
 
 def completion_ids(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
   """The generated ids up to (not including) the first EOS or end-of-turn token."""
-  stops = {tokenizer.eos_id, tokenizer.eot_id}
-  out = []
-  for i in ids:
-    if int(i) in stops:
-      break
-    out.append(int(i))
-  return out
+  return token_ids.completion_ids(ids, (tokenizer.eos_id, tokenizer.eot_id))
 
 
 def _default_sample_fn(params, model_cfg, prompts, keys, config, *, placement=None):
