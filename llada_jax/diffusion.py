@@ -128,13 +128,17 @@ class PretrainLoss:
   mask_id: int
   eps: float = DEFAULT_EPS
   random_length_prob: float = 0.01
+  adapter_dropout: bool = False  # pass dropout keys to the model (LoRA with lora_dropout > 0)
 
   def __call__(self, params, batch, key):
     tokens = batch["tokens"]
     noise = pretrain_noise(key, tokens, mask_id=self.mask_id, eps=self.eps,
                            random_length_prob=self.random_length_prob)
     key_mask = noise.valid if self.random_length_prob > 0 else None
-    logits = self.logits_fn(params, noise.noisy_tokens, key_mask=key_mask)
+    extra = {}
+    if self.adapter_dropout:  # rows of a token stream are not examples: keys per row of the step
+      extra["dropout_keys"] = jax.random.split(jax.random.fold_in(key, DROPOUT_TAG), tokens.shape[0])
+    logits = self.logits_fn(params, noise.noisy_tokens, key_mask=key_mask, **extra)
     return pretrain_loss_from_logits(logits, tokens, noise)
 
 
@@ -171,7 +175,7 @@ def sft_noise(key: Array, tokens: Array, prompt_lengths: Array, *, mask_id: int,
   how the batch is split into micro-batches or devices.
   """
   b, l = tokens.shape
-  keys = jax.random.split(key, b) if example_ids is None else example_keys(key, example_ids)
+  keys = row_keys(key, b, example_ids)
   t, u, drop = jax.vmap(lambda k: sft_draws(k, l, prompt_drop_prob))(keys)
   p = mask_ratio(t, eps)
   answer = answer_mask(prompt_lengths, lengths, l)
@@ -179,6 +183,11 @@ def sft_noise(key: Array, tokens: Array, prompt_lengths: Array, *, mask_id: int,
   prompt = jnp.arange(l)[None, :] < prompt_lengths[:, None]
   input_masked = masked | (prompt & drop[:, None])
   return SFTNoise(apply_mask(tokens, input_masked, mask_id), masked, p, answer, valid_mask(lengths, l))
+
+
+def row_keys(key: Array, b: int, example_ids: Array | None) -> Array:
+  """One key per row: per example when the rows carry example ids, else split from the step's key."""
+  return jax.random.split(key, b) if example_ids is None else example_keys(key, example_ids)
 
 
 def sft_loss_from_logits(logits: Array, tokens: Array, noise: SFTNoise) -> tuple[Array, dict]:
@@ -197,10 +206,14 @@ def sft_loss_from_logits(logits: Array, tokens: Array, noise: SFTNoise) -> tuple
 
 
 def sft_loss(logits_fn: LogitsFn, params, tokens, prompt_lengths, key, *, mask_id: int,
-             eps: float = DEFAULT_EPS, prompt_drop_prob: float = 0.0, lengths=None, example_ids=None):
+             eps: float = DEFAULT_EPS, prompt_drop_prob: float = 0.0, lengths=None, example_ids=None,
+             adapter_dropout: bool = False):
   noise = sft_noise(key, tokens, prompt_lengths, mask_id=mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob,
                     lengths=lengths, example_ids=example_ids)
-  logits = logits_fn(params, noise.noisy_tokens, key_mask=noise.valid)
+  extra = {}
+  if adapter_dropout:
+    extra["dropout_keys"] = dropout_keys(row_keys(key, tokens.shape[0], example_ids))
+  logits = logits_fn(params, noise.noisy_tokens, key_mask=noise.valid, **extra)
   return sft_loss_from_logits(logits, tokens, noise)
 
 
@@ -213,11 +226,12 @@ class SFTLoss:
   mask_id: int
   eps: float = DEFAULT_EPS
   prompt_drop_prob: float = 0.0
+  adapter_dropout: bool = False
 
   def __call__(self, params, batch, key):
     return sft_loss(self.logits_fn, params, batch["tokens"], batch["prompt_lengths"], key, mask_id=self.mask_id,
                     eps=self.eps, prompt_drop_prob=self.prompt_drop_prob, lengths=batch.get("lengths"),
-                    example_ids=batch.get("example_id"))
+                    example_ids=batch.get("example_id"), adapter_dropout=self.adapter_dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,21 +308,44 @@ def sample_batch_elbo_masks(keys_b: Array, answer_bl: Array, config: ELBOConfig)
 
 
 def elbo_from_masks(logits_fn: LogitsFn, params, tokens_bl: Array, masks_bnl: Array, weights_bn: Array, *,
-                    mask_id: int, key_mask_bl: Array | None = None) -> tuple[Array, Array]:
+                    mask_id: int, key_mask_bl: Array | None = None,
+                    dropout_keys_b: Array | None = None) -> tuple[Array, Array]:
   """ELBO estimates [B] (and the per-sample terms [B, n]) from given masks.
 
-  The B x n noised copies go through the model as ONE batch of B * n rows.
+  The B x n noised copies go through the model as ONE batch of B * n rows. `dropout_keys_b`: the
+  examples' adapter-dropout keys (training); copy j of an example draws from fold_in(key, j).
   """
   b, n, l = masks_bnl.shape
   noisy = apply_mask(jnp.broadcast_to(tokens_bl[:, None, :], (b, n, l)), masks_bnl, mask_id).reshape(b * n, l)
   key_mask = None
   if key_mask_bl is not None:
     key_mask = jnp.broadcast_to(key_mask_bl[:, None, :], (b, n, l)).reshape(b * n, l)
-  logits = logits_fn(params, noisy, key_mask=key_mask)
+  extra = {}
+  if dropout_keys_b is not None:
+    extra["dropout_keys"] = copy_keys(dropout_keys_b, jnp.arange(n)).reshape(b * n)
+  logits = logits_fn(params, noisy, key_mask=key_mask, **extra)
   targets = jnp.broadcast_to(tokens_bl[:, None, :], (b, n, l)).reshape(b * n, l)
   logp = token_log_probs(logits, targets).reshape(b, n, l)
   per_sample = weights_bn * jnp.where(masks_bnl, logp, 0.0).sum(axis=-1)
   return per_sample.mean(axis=-1), per_sample
+
+
+# fold_in(example key, DROPOUT_TAG) seeds an example's adapter dropout (llada_jax.lora): a stream
+# apart from its noise, so turning dropout on leaves every timestep and mask as it was.
+DROPOUT_TAG = 0x6C6F7261
+
+
+def dropout_keys(keys: Array) -> Array:
+  """Adapter-dropout keys from per-example (or per-slot) keys of any shape."""
+  flat = keys.reshape(-1)
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(flat, DROPOUT_TAG).reshape(keys.shape)
+
+
+def copy_keys(keys_b: Array, copies) -> Array:
+  """Keys [B, c] (or [B, c, K] from [B, K]): fold_in(key, j) for each copy index j in `copies`."""
+  per_copy = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  fn = per_copy if keys_b.ndim == 1 else jax.vmap(per_copy, in_axes=(0, None), out_axes=1)
+  return jax.vmap(fn, in_axes=(0, None))(keys_b, copies)
 
 
 def example_keys(key: Array, example_ids_b: Array) -> Array:

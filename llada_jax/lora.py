@@ -10,6 +10,12 @@ parameters of the model (`<kernel>_lora_a`, `<kernel>_lora_b` beside the kernel,
 `lora` for r, unsharded), so sharding, scanning and remat treat them like the rest; training splits
 them from the frozen base (`split`, `combine`). With the adapters at zero the model computes its base
 bit for bit, which is how LoRA-VRPO runs its reference without a second copy of the weights.
+
+Adapter dropout (rate `lora_dropout`, training only) zeroes entries of the adapter's input x before A,
+as PEFT does. Its randomness follows the example, not the batch: the objective passes one key per
+example (per noised copy), the model folds in each token's position in its example's frame, the layer
+and the target. An example therefore draws the same dropout alone in a padded row as inside a packed
+one, in any micro-batch, and in each chunk of noised copies.
 """
 
 from __future__ import annotations
@@ -63,13 +69,46 @@ def adapter_specs(spec: str) -> tuple[str, str]:
   return f"{xs},{contracted}r->{kept}r", f"{kept}r,r{produced}->{out}"
 
 
-def project(cfg, p: Mapping[str, Array], name: str, spec: str, x: Array, out_dtype) -> Array:
-  """`contract(spec, x, p[name])`, plus the adapter's term where `p` holds adapters for `name`."""
+def token_keys(keys: Array, segment_ids: Array | None, positions: Array) -> Array:
+  """Raw key data [b, t, 2] of each token's dropout stream from per-example keys.
+
+  `keys`: typed keys [b] (one example per row) or [b, K] (packed: slot s is segment s + 1).
+  `positions` [b, t]: each token's position in its example's frame.
+  """
+  if segment_ids is None:
+    per_token = jnp.broadcast_to(keys[:, None], positions.shape)
+  else:
+    slot = jnp.clip(segment_ids - 1, 0, keys.shape[1] - 1)
+    per_token = jax.random.wrap_key_data(
+        jnp.take_along_axis(jax.random.key_data(keys), slot[..., None], axis=1))
+  folded = jax.vmap(jax.vmap(jax.random.fold_in))(per_token, positions)
+  return jax.random.key_data(folded)
+
+
+def dropout(cfg, x: Array, keys_bt: Array, layer_index, name: str) -> Array:
+  """x with entries zeroed at rate cfg.lora_dropout (the rest scaled by 1 / keep), drawn per token
+  from `keys_bt` (`token_keys`), the layer and the target."""
+  keep = 1.0 - cfg.lora_dropout
+
+  def token_mask(data):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(data), layer_index), TARGETS.index(name))
+    return jax.random.bernoulli(key, keep, x.shape[2:])
+
+  kept = jax.vmap(jax.vmap(token_mask))(keys_bt)
+  return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def project(cfg, p: Mapping[str, Array], name: str, spec: str, x: Array, out_dtype, drop=None) -> Array:
+  """`contract(spec, x, p[name])`, plus the adapter's term where `p` holds adapters for `name`.
+
+  `drop`: (token keys [b, t, 2], layer index) to apply adapter dropout, or None."""
   cdt = cfg.compute_dtype
   y = contract(spec, x, p[name].astype(cdt), out_dtype)
   if name + SUFFIX_A not in p:
     return y
   spec_a, spec_b = adapter_specs(spec)
+  if drop is not None:
+    x = dropout(cfg, x, drop[0], drop[1], name)
   h = contract(spec_a, x, p[name + SUFFIX_A].astype(cdt), cdt)
   return y + (scale(cfg) * contract(spec_b, h, p[name + SUFFIX_B].astype(cdt), jnp.float32)).astype(out_dtype)
 
@@ -128,4 +167,4 @@ def merge(params, cfg) -> dict:
 
 def base_config(cfg):
   """The model config of the base alone (no adapters)."""
-  return cfg.replace(lora_rank=0)
+  return cfg.replace(lora_rank=0, lora_dropout=0.0)

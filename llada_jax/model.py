@@ -57,7 +57,8 @@ class ModelConfig:
   norm_eps: float = 1e-5
   mask_token_id: int = 126336
   eos_token_id: int = 126081
-  bos_token_id: int = 126080
+  # Metadata: the model never reads BOS (the tokenizer adds it). None where a checkpoint gives none.
+  bos_token_id: int | None = 126080
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of activations and matmul inputs.
   remat: str = "none"  # one of _REMAT_POLICIES.
@@ -74,6 +75,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = lora_lib.TARGETS
   lora_base_dtype: str = ""  # the frozen base's storage dtype ("": param_dtype; "bfloat16" halves it)
+  lora_dropout: float = 0.0  # adapter dropout in training (llada_jax.lora.dropout); never at inference
 
   def __post_init__(self):
     def fail(field, expected):
@@ -104,9 +106,15 @@ class ModelConfig:
                                and set(self.lora_targets) <= set(lora_lib.TARGETS)):
       fail("lora_targets" if self.lora_alpha > 0 else "lora_alpha",
            f"a positive alpha and a non-empty subset of {lora_lib.TARGETS}")
+    if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+      fail("lora_dropout", "a rate in [0, 1)")
+    if self.lora_dropout and not self.lora_rank:
+      fail("lora_dropout", "0 when there are no adapters (lora_rank 0)")
     if not isinstance(self.attention_interpret, bool):
       fail("attention_interpret", "True or False")
     for field in ("mask_token_id", "eos_token_id", "bos_token_id"):
+      if field == "bos_token_id" and self.bos_token_id is None:
+        continue
       if not 0 <= getattr(self, field) < self.vocab_size:
         fail(field, f"an id in [0, vocab_size={self.vocab_size})")
 
@@ -252,12 +260,14 @@ def _embed(cfg: ModelConfig, wte: Array, tokens: Array) -> Array:
   return _constrain(jnp.take(wte, tokens, axis=0).astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
 
-def _qkv(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array, rope) -> tuple[Array, Array, Array]:
-  """Queries, keys (both after RoPE) and values, from the `q_proj/k_proj/v_proj` kernels in `p`."""
+def _qkv(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array, rope, drop=None) -> tuple[Array, Array, Array]:
+  """Queries, keys (both after RoPE) and values, from the `q_proj/k_proj/v_proj` kernels in `p`.
+
+  `drop`: (token keys, layer index) for adapter dropout (`lora.project`), or None."""
   cdt = cfg.compute_dtype
   x = x_btd.astype(cdt)
   axes = ("batch", "length", "heads", "head_dim")
-  q, k, v = (_constrain(lora_lib.project(cfg, p, name, "btd,dhk->bthk", x, cdt), axes)
+  q, k, v = (_constrain(lora_lib.project(cfg, p, name, "btd,dhk->bthk", x, cdt, drop), axes)
              for name in ("q_proj", "k_proj", "v_proj"))
   sin, cos = rope
   return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
@@ -277,7 +287,7 @@ def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
   return out.reshape(b, t, h, d)
 
 
-def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, masks: AttentionMasks) -> Array:
+def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, masks: AttentionMasks, drop=None) -> Array:
   """Attention of q over k/v (which may be longer: a span against a cache), then `attn_out`."""
   scale = 1.0 / math.sqrt(cfg.resolved_head_dim)
   impl = cfg.resolved_attention_impl
@@ -293,17 +303,17 @@ def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, masks: AttentionM
         q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
   out = _constrain(out, ("batch", "length", "heads", "head_dim"))
   cdt = cfg.compute_dtype
-  return lora_lib.project(cfg, p, "attn_out", "bthk,hkd->btd", out.astype(cdt), cdt)
+  return lora_lib.project(cfg, p, "attn_out", "bthk,hkd->btd", out.astype(cdt), cdt, drop)
 
 
-def _swiglu(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array) -> Array:
+def _swiglu(cfg: ModelConfig, p: Mapping[str, Array], x_btd: Array, drop=None) -> Array:
   """ff_out(silu(ff_proj(x)) * up_proj(x))."""
   cdt = cfg.compute_dtype
   x = x_btd.astype(cdt)
-  gate = lora_lib.project(cfg, p, "ff_proj", "btd,dm->btm", x, cdt)
-  up = lora_lib.project(cfg, p, "up_proj", "btd,dm->btm", x, cdt)
+  gate = lora_lib.project(cfg, p, "ff_proj", "btd,dm->btm", x, cdt, drop)
+  up = lora_lib.project(cfg, p, "up_proj", "btd,dm->btm", x, cdt, drop)
   hidden = _constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-  return lora_lib.project(cfg, p, "ff_out", "btm,md->btd", hidden, cdt)
+  return lora_lib.project(cfg, p, "ff_out", "btm,md->btd", hidden, cdt, drop)
 
 
 def _head(cfg: ModelConfig, x_btd: Array, w_head: Array) -> Array:
@@ -331,7 +341,8 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd: Array, rope: tuple[Array, Array], masks: AttentionMasks, layer_index) -> Array:
+  def __call__(self, x_btd: Array, rope: tuple[Array, Array], masks: AttentionMasks, layer_index,
+               drop_keys=None) -> Array:
     cfg = self.config
     d, hd, pdt = cfg.d_model, cfg.resolved_head_dim, cfg.weight_dtype
     std = 1.0 / math.sqrt(d)
@@ -342,14 +353,15 @@ class Attention(nn.Module):
     for name, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.kv_heads), ("v_proj", cfg.kv_heads)):
       lora_lib.declare(self, cfg, p, name, (d,), ("embed",), (heads, hd), ("heads", "head_dim"), pdt)
     lora_lib.declare(self, cfg, p, "attn_out", (cfg.n_heads, hd), ("heads", "head_dim"), (d,), ("embed",), pdt)
-    return _attend(cfg, p, *_qkv(cfg, p, x_btd, rope), masks)
+    drop = None if drop_keys is None else (drop_keys, layer_index)
+    return _attend(cfg, p, *_qkv(cfg, p, x_btd, rope, drop), masks, drop)
 
 
 class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd: Array, layer_index) -> Array:
+  def __call__(self, x_btd: Array, layer_index, drop_keys=None) -> Array:
     cfg = self.config
     d, m, pdt = cfg.d_model, cfg.mlp_hidden_size, cfg.weight_dtype
     p = {
@@ -362,7 +374,7 @@ class MLP(nn.Module):
                                                    ("up_proj", (d, "embed", m, "mlp")),
                                                    ("ff_out", (m, "mlp", d, "embed"))):
       lora_lib.declare(self, cfg, p, name, (n_in,), (in_axis,), (n_out,), (out_axis,), pdt)
-    return _swiglu(cfg, p, x_btd)
+    return _swiglu(cfg, p, x_btd, None if drop_keys is None else (drop_keys, layer_index))
 
 
 class Block(nn.Module):
@@ -371,12 +383,12 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd: Array, rope, masks: AttentionMasks, layer_index):
+  def __call__(self, x_btd: Array, rope, masks: AttentionMasks, layer_index, drop_keys=None):
     cfg = self.config
     h = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="attn_norm")(x_btd)
-    x_btd = x_btd + Attention(cfg, name="attn")(h, rope, masks, layer_index)
+    x_btd = x_btd + Attention(cfg, name="attn")(h, rope, masks, layer_index, drop_keys)
     h = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="ff_norm")(x_btd)
-    x_btd = x_btd + MLP(cfg, name="mlp")(h, layer_index)
+    x_btd = x_btd + MLP(cfg, name="mlp")(h, layer_index, drop_keys)
     return _constrain(x_btd, ("batch", "length", "embed"))
 
 
@@ -386,8 +398,8 @@ class _ScannedBlock(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd, layer_index, rope, masks):
-    return _block_class(self.config)(self.config, name="block")(x_btd, rope, masks, layer_index), None
+  def __call__(self, x_btd, layer_index, rope, masks, drop_keys):
+    return _block_class(self.config)(self.config, name="block")(x_btd, rope, masks, layer_index, drop_keys), None
 
 
 def _block_class(cfg: ModelConfig):
@@ -399,34 +411,42 @@ def _block_class(cfg: ModelConfig):
 
 
 class LLaDA(nn.Module):
-  """The mask predictor. `__call__(tokens) -> float32 logits [batch, length, vocab]`."""
+  """The mask predictor. `__call__(tokens) -> float32 logits [batch, length, vocab]`.
+
+  `dropout_keys`: per-example typed keys ([batch], or [batch, K] per slot with `segment_ids`) turn on
+  adapter dropout when the config has a rate (training); without them the forward is deterministic."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens: Array, *, key_mask: Array | None = None, segment_ids: Array | None = None,
-               positions: Array | None = None) -> Array:
+               positions: Array | None = None, dropout_keys: Array | None = None) -> Array:
     cfg = self.config
     d, v, pdt = cfg.d_model, cfg.vocab_size, cfg.weight_dtype
     std = 1 / math.sqrt(d)
     x = _embed(cfg, _param(self, "wte", _trunc_normal(std), (v, d), ("vocab", "embed"), pdt), tokens)
     rope = _rope(cfg, tokens, positions, segment_ids)
     masks = AttentionMasks(key_mask, segment_ids)
+    drop_keys = None
+    if dropout_keys is not None and cfg.lora_dropout > 0:
+      frame = (positions_from_segments(segment_ids) if segment_ids is not None
+               else jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+      drop_keys = lora_lib.token_keys(dropout_keys, segment_ids, frame)
 
     if cfg.scan_layers:
       blocks = nn.scan(
           _ScannedBlock,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="blocks")
-      x, _ = blocks(x, jnp.arange(cfg.n_layers), rope, masks)
+      x, _ = blocks(x, jnp.arange(cfg.n_layers), rope, masks, drop_keys)
     else:
       block_cls = _block_class(cfg)
       for i in range(cfg.n_layers):
-        x = block_cls(cfg, name=f"blocks_{i}")(x, rope, masks, i)
+        x = block_cls(cfg, name=f"blocks_{i}")(x, rope, masks, i, drop_keys)
 
     x = RMSNorm(cfg.norm_eps, pdt, name="ln_f")(x)
     return _head(cfg, x, _param(self, "ff_out", _trunc_normal(std), (d, v), ("embed", "vocab"), pdt))

@@ -146,15 +146,18 @@ class PackedPretrainLoss:
   logits_fn: LogitsFn
   mask_id: int
   eps: float = diffusion.DEFAULT_EPS
+  adapter_dropout: bool = False
 
   def __call__(self, params, batch, key):
     tokens, seg = batch["tokens"], batch["segment_ids"]
     length = tokens.shape[1]
-    t, u = jax.vmap(jax.vmap(lambda k: pretrain_draws(k, length)))(slot_keys(key, batch["example_id"]))
+    keys = slot_keys(key, batch["example_id"])
+    t, u = jax.vmap(jax.vmap(lambda k: pretrain_draws(k, length)))(keys)
     real = seg > 0
     p = slot_values(diffusion.mask_ratio(t, self.eps), seg)
     masked = (frame_values(u, seg) < p) & real
-    logits = self.logits_fn(params, diffusion.apply_mask(tokens, masked, self.mask_id), segment_ids=seg)
+    logits = self.logits_fn(params, diffusion.apply_mask(tokens, masked, self.mask_id), segment_ids=seg,
+                            **_dropout(self.adapter_dropout, keys))
     ce = -diffusion.token_log_probs(logits, tokens)
     n_real, n_masked = real.sum(), masked.sum()
     loss = jnp.where(masked, ce / p, 0.0).sum() / denominator(batch, n_real)
@@ -163,6 +166,11 @@ class PackedPretrainLoss:
         "masked_token_ce": jnp.where(masked, ce, 0.0).sum() / jnp.maximum(n_masked, 1),
         "masked_fraction": n_masked / jnp.maximum(n_real, 1),
     }
+
+
+def _dropout(enabled: bool, slot_keys_rk: Array) -> dict:
+  """The model's `dropout_keys` argument from the slots' keys, when adapter dropout is on."""
+  return {"dropout_keys": diffusion.dropout_keys(slot_keys_rk)} if enabled else {}
 
 
 def sft_noise(key: Array, tokens: Array, segment_ids: Array, prompt_lengths_rk: Array, example_id_rk: Array, *,
@@ -181,7 +189,7 @@ def sft_noise(key: Array, tokens: Array, segment_ids: Array, prompt_lengths_rk: 
 
 
 def sft_loss(logits_fn: LogitsFn, params, batch, key, *, mask_id: int, eps: float = diffusion.DEFAULT_EPS,
-             prompt_drop_prob: float = 0.0, side: str = "tokens"):
+             prompt_drop_prob: float = 0.0, side: str = "tokens", adapter_dropout: bool = False):
   """SFT on packed rows: the mean over examples of (sum over masked answer tokens of CE / p) / A.
 
   A counts the example's answer tokens up to and including its one EOS (docs/method.md, "Packed
@@ -192,7 +200,7 @@ def sft_loss(logits_fn: LogitsFn, params, batch, key, *, mask_id: int, eps: floa
   ids = batch["example_id"]
   noisy, masked, p, answer = sft_noise(key, tokens, seg, batch["prompt_lengths"], ids, mask_id=mask_id, eps=eps,
                                        prompt_drop_prob=prompt_drop_prob)
-  logits = logits_fn(params, noisy, segment_ids=seg)
+  logits = logits_fn(params, noisy, segment_ids=seg, **_dropout(adapter_dropout, slot_keys(key, ids)))
   ce = -diffusion.token_log_probs(logits, tokens)
   k = ids.shape[1]
   per_example = segment_sum(jnp.where(masked, ce / p, 0.0), seg, k) / jnp.maximum(segment_sum(answer, seg, k), 1)
@@ -214,10 +222,11 @@ class PackedSFTLoss:
   mask_id: int
   eps: float = diffusion.DEFAULT_EPS
   prompt_drop_prob: float = 0.0
+  adapter_dropout: bool = False
 
   def __call__(self, params, batch, key):
     return sft_loss(self.logits_fn, params, batch, key, mask_id=self.mask_id, eps=self.eps,
-                    prompt_drop_prob=self.prompt_drop_prob)
+                    prompt_drop_prob=self.prompt_drop_prob, adapter_dropout=self.adapter_dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,16 +250,17 @@ def elbo_masks(keys_rk: Array, segment_ids: Array, prompt_lengths_rk: Array, con
 
 
 def elbo_terms(logits_fn: LogitsFn, params, tokens: Array, segment_ids: Array, masks_rcl: Array, weights_rkc: Array,
-               *, mask_id: int) -> Array:
+               *, mask_id: int, dropout_keys_rck: Array | None = None) -> Array:
   """Per-example terms [R, K, c] of the copies given: weight x sum of masked log-probs.
 
   The R x c noised rows go through the model as one batch. The ELBO estimate of an example is the
-  mean of its n terms.
+  mean of its n terms. `dropout_keys_rck`: each copy's adapter-dropout keys per slot (training).
   """
   r, c, length = masks_rcl.shape
   noisy = diffusion.apply_mask(jnp.broadcast_to(tokens[:, None], (r, c, length)), masks_rcl, mask_id)
   seg = jnp.broadcast_to(segment_ids[:, None], (r, c, length)).reshape(r * c, length)
-  logits = logits_fn(params, noisy.reshape(r * c, length), segment_ids=seg)
+  extra = {} if dropout_keys_rck is None else {"dropout_keys": dropout_keys_rck.reshape(r * c, -1)}
+  logits = logits_fn(params, noisy.reshape(r * c, length), segment_ids=seg, **extra)
   targets = jnp.broadcast_to(tokens[:, None], (r, c, length)).reshape(r * c, length)
   logp = diffusion.token_log_probs(logits, targets).reshape(r, c, length)
   sums = segment_sum(jnp.where(masks_rcl, logp, 0.0), segment_ids, weights_rkc.shape[1])  # [R, c, K]

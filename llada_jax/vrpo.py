@@ -90,24 +90,30 @@ class VRPOLoss:
   logits_fn: LogitsFn
   mask_id: int
   config: VRPOConfig = VRPOConfig()
+  adapter_dropout: bool = False  # the policy's passes draw adapter dropout; the reference's never do
+
+  def _keys(self, key, batch, tags):
+    """Per-sequence keys [2B] of (chosen, rejected): fold_in(fold_in(key, example_id), tag)."""
+    ex_keys = diffusion.example_keys(key, batch["example_id"])
+    return jnp.concatenate([jax.vmap(jax.random.fold_in, (0, None))(ex_keys, t) for t in tags], axis=0)
 
   def _masks(self, key, batch, tags):
     """Masks [2B, n, L] and weights [2B, n] for (chosen, rejected) from per-example keys."""
     tokens, prompt_lengths, lengths = _pair_inputs(batch)
     answer = diffusion.answer_mask(prompt_lengths, lengths, tokens.shape[1])
-    ex_keys = diffusion.example_keys(key, batch["example_id"])
-    keys = jnp.concatenate([jax.vmap(jax.random.fold_in, (0, None))(ex_keys, t) for t in tags], axis=0)
-    return diffusion.sample_batch_elbo_masks(keys, answer, self.config.elbo)
+    return diffusion.sample_batch_elbo_masks(self._keys(key, batch, tags), answer, self.config.elbo)
 
-  def _elbos(self, params, key, batch, tags):
+  def _elbos(self, params, key, batch, tags, dropout: bool = False):
     tokens, _, lengths = _pair_inputs(batch)
     masks, weights = self._masks(key, batch, tags)
+    drop = diffusion.dropout_keys(self._keys(key, batch, tags)) if dropout else None
     estimate, _ = diffusion.elbo_from_masks(self.logits_fn, params, tokens, masks, weights, mask_id=self.mask_id,
-                                            key_mask_bl=diffusion.valid_mask(lengths, tokens.shape[1]))
+                                            key_mask_bl=diffusion.valid_mask(lengths, tokens.shape[1]),
+                                            dropout_keys_b=drop)
     return jnp.split(estimate, 2)
 
   def policy_elbos(self, params, batch, key):
-    return self._elbos(params, key, batch, (_CHOSEN, _REJECTED))
+    return self._elbos(params, key, batch, (_CHOSEN, _REJECTED), dropout=self.adapter_dropout)
 
   def reference_elbos(self, reference_params, batch, key):
     """B_ref(y_w), B_ref(y_l): with antithetic sampling, on the policy's own masks."""
@@ -148,7 +154,8 @@ class VRPOLoss:
     if cfg.sft_weight:
       sft, _ = diffusion.sft_loss(self.logits_fn, params, batch["chosen"], batch["prompt_lengths"],
                                   jax.random.fold_in(key, _SFT_TAG), mask_id=self.mask_id, eps=cfg.eps,
-                                  lengths=batch["chosen_lengths"], example_ids=batch["example_id"])
+                                  lengths=batch["chosen_lengths"], example_ids=batch["example_id"],
+                                  adapter_dropout=self.adapter_dropout)
       metrics["sft_loss"] = sft
       loss = loss + cfg.sft_weight * sft
     metrics["loss"] = loss

@@ -47,27 +47,41 @@ class PackedVRPOLoss:
   mask_id: int
   config: vrpo.VRPOConfig = vrpo.VRPOConfig()
   copy_chunks: int = 1
+  adapter_dropout: bool = False  # the policy's passes draw adapter dropout; the reference's never do
 
   def __post_init__(self):
     n = self.config.elbo.n_samples
     if self.copy_chunks < 1 or n % self.copy_chunks:
       raise ValueError(f"vrpo.copy_chunks={self.copy_chunks}: expected a divisor of the budget n = {n}")
 
+  def _keys(self, batch, key, tags) -> Array:
+    """Per-slot keys [2R, K] of (chosen, rejected): fold_in(fold_in(key, example_id), tag)."""
+    ex_keys = packed.slot_keys(key, batch["example_id"])
+    return jnp.concatenate([jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (0, None))(ex_keys, t) for t in tags])
+
   def masks(self, batch, key, tags) -> tuple[Array, Array]:
     """Masks [2R, n, L] and weights [2R, K, n] of (chosen, rejected) under the two key tags."""
     _, seg, prompt_lengths = _rows(batch)
-    ex_keys = packed.slot_keys(key, batch["example_id"])
-    keys = jnp.concatenate([jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (0, None))(ex_keys, t) for t in tags])
-    return packed.elbo_masks(keys, seg, prompt_lengths, self.config.elbo)
+    return packed.elbo_masks(self._keys(batch, key, tags), seg, prompt_lengths, self.config.elbo)
 
-  def _terms(self, params, batch, masks, weights, chunk=None) -> Array:
+  def _policy_dropout(self, batch, key) -> Array | None:
+    """The policy copies' adapter-dropout keys [2R, n, K] (None when dropout is off)."""
+    if not self.adapter_dropout:
+      return None
+    keys = diffusion.dropout_keys(self._keys(batch, key, (vrpo._CHOSEN, vrpo._REJECTED)))
+    return diffusion.copy_keys(keys, jnp.arange(self.config.elbo.n_samples))
+
+  def _terms(self, params, batch, masks, weights, chunk=None, drop=None) -> Array:
     """Summed terms [2R, K] of all copies, or of copy group `chunk` (a traced index)."""
     if chunk is not None:
       size = self.config.elbo.n_samples // self.copy_chunks
       masks = jax.lax.dynamic_slice_in_dim(masks, chunk * size, size, axis=1)
       weights = jax.lax.dynamic_slice_in_dim(weights, chunk * size, size, axis=2)
+      if drop is not None:
+        drop = jax.lax.dynamic_slice_in_dim(drop, chunk * size, size, axis=1)
     tokens, seg, _ = _rows(batch)
-    return packed.elbo_terms(self.logits_fn, params, tokens, seg, masks, weights, mask_id=self.mask_id).sum(-1)
+    return packed.elbo_terms(self.logits_fn, params, tokens, seg, masks, weights, mask_id=self.mask_id,
+                             dropout_keys_rck=drop).sum(-1)
 
   def _reference_masks(self, batch, key, policy_masks):
     if self.config.antithetic:
@@ -102,7 +116,8 @@ class PackedVRPOLoss:
 
   def _sft(self, params, batch, key):
     loss, _ = packed.sft_loss(self.logits_fn, params, batch, jax.random.fold_in(key, vrpo._SFT_TAG),
-                              mask_id=self.mask_id, eps=self.config.eps, side="chosen")
+                              mask_id=self.mask_id, eps=self.config.eps, side="chosen",
+                              adapter_dropout=self.adapter_dropout)
     return loss
 
   def _online_reference(self, batch, key, reference_params, policy_masks, chunked: bool):
@@ -140,7 +155,7 @@ class PackedVRPOLoss:
     batch = packed.preference_as_packed(batch)
     policy_masks = self.masks(batch, key, (vrpo._CHOSEN, vrpo._REJECTED))
     reference = self._online_reference(batch, key, reference_params, policy_masks, chunked=False)
-    policy_sums = self._terms(params, batch, *policy_masks)
+    policy_sums = self._terms(params, batch, *policy_masks, drop=self._policy_dropout(batch, key))
     loss, metrics, *_ = self._finish(batch, policy_sums, reference)
     if self.config.sft_weight:
       metrics["sft_loss"] = self._sft(params, batch, key)
@@ -158,14 +173,15 @@ class PackedVRPOLoss:
     policy_masks = self.masks(batch, key, (vrpo._CHOSEN, vrpo._REJECTED))
     reference = self._online_reference(batch, key, reference_params, policy_masks, chunked=True)
     frozen = to_params(jax.lax.stop_gradient(params))
-    policy_sums = self._chunk_sum(lambda i: self._terms(frozen, batch, *policy_masks, i))
+    drop = self._policy_dropout(batch, key)
+    policy_sums = self._chunk_sum(lambda i: self._terms(frozen, batch, *policy_masks, i, drop))
     loss, metrics, score, valid, denom = self._finish(batch, policy_sums, reference)
     # d(preference loss)/d(summed terms of a side): -sigmoid(-score) beta / n over the step's pairs.
     d_chosen = jnp.where(valid, -jax.nn.sigmoid(-score) * cfg.beta / (n * denom), 0.0)
     d_sums = jax.lax.stop_gradient(jnp.concatenate([d_chosen, -d_chosen]))
 
     def chunk_grads(grads, i):
-      g = jax.grad(lambda p: (d_sums * self._terms(to_params(p), batch, *policy_masks, i)).sum())(params)
+      g = jax.grad(lambda p: (d_sums * self._terms(to_params(p), batch, *policy_masks, i, drop)).sum())(params)
       return jax.tree_util.tree_map(jnp.add, grads, g), None
 
     grads, _ = jax.lax.scan(chunk_grads, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.arange(self.copy_chunks))

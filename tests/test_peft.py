@@ -172,6 +172,7 @@ Q_A = f"base_model.model.{P}blocks.1.q_proj.lora_A.weight"
     ({"rank_pattern": {"q_proj": 8}}, None, r"field 'rank_pattern' is \{\"q_proj\": 8\}; expected null or empty"),
     ({"modules_to_save": ["ff_out"]}, None, r"field 'modules_to_save'"),
     ({"r": 0}, None, r"field 'r' is 0; expected a positive integer"),
+    ({"lora_dropout": 1.5}, None, r"field 'lora_dropout' is 1.5; expected a rate in \[0, 1\)"),
     ({"layers_to_transform": [2]}, None, r"field 'layers_to_transform' is \[2\]; expected null or layer indices"),
     ({"r": 8}, None, r"adapter_model.safetensors: tensor '.*lora_A.weight' has shape \[4, 32\]; expected \[8, 32\]"),
     ({}, _rank, r"adapter_model.safetensors: tensor '.*lora_A.weight' has shape \[8, 32\]; expected \[4, 32\]"),

@@ -121,7 +121,8 @@ def adapter_config(cfg: model_lib.ModelConfig, base_model: str | None) -> dict[s
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
       "r": cfg.lora_rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
       "target_modules": target_modules(cfg), "layers_to_transform": list(range(cfg.n_layers)),
-      "layers_pattern": LAYERS_PATTERN, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+      "layers_pattern": LAYERS_PATTERN, "lora_dropout": float(cfg.lora_dropout), "bias": "none",
+      "fan_in_fan_out": False,
       "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
       "init_lora_weights": True,
   }
@@ -311,6 +312,9 @@ def _lora_fields(peft_config: Mapping[str, Any], base_cfg, where: str) -> tuple[
     fail("r", "a positive integer")
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
     fail("lora_alpha", "a positive number")
+  dropout = peft_config.get("lora_dropout", 0.0)
+  if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    fail("lora_dropout", "a rate in [0, 1)")
   targets = peft_config.get("target_modules")
   names = f"a list of LLaDA's projections {list(lora.TARGETS)}"
   if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
@@ -325,7 +329,8 @@ def _lora_fields(peft_config: Mapping[str, Any], base_cfg, where: str) -> tuple[
   if peft_config.get("layers_to_transform") not in (None, []) and peft_config.get("layers_pattern") not in (
       None, "", LAYERS_PATTERN, [LAYERS_PATTERN]):
     fail("layers_pattern", f'null or "{LAYERS_PATTERN}" (LLaDA\'s blocks are model.transformer.blocks.{{i}})')
-  fields = dict(lora_rank=r, lora_alpha=float(alpha), lora_targets=tuple(t for t in lora.TARGETS if t in targets))
+  fields = dict(lora_rank=r, lora_alpha=float(alpha), lora_dropout=float(dropout),
+                lora_targets=tuple(t for t in lora.TARGETS if t in targets))
   return fields, sorted(set(layers))
 
 

@@ -61,13 +61,14 @@ def make_objective(name: str, model_cfg: model_lib.ModelConfig, *, eps: float = 
   """
   logits = model_lib.logits_fn(model_cfg)
   mask_id = model_cfg.mask_token_id
+  drop = dict(adapter_dropout=model_cfg.lora_dropout > 0)
   if name in ("pretrain", "sft"):
     if name == "pretrain":
-      loss = (packed_lib.PackedPretrainLoss(logits, mask_id, eps=eps) if packed else
-              diffusion.PretrainLoss(logits, mask_id, eps=eps, random_length_prob=random_length_prob))
+      loss = (packed_lib.PackedPretrainLoss(logits, mask_id, eps=eps, **drop) if packed else
+              diffusion.PretrainLoss(logits, mask_id, eps=eps, random_length_prob=random_length_prob, **drop))
     else:
       cls = packed_lib.PackedSFTLoss if packed else diffusion.SFTLoss
-      loss = cls(logits, mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob)
+      loss = cls(logits, mask_id, eps=eps, prompt_drop_prob=prompt_drop_prob, **drop)
     count = (_count_tokens if name == "pretrain" else _count_examples) if packed else None
     return Objective(name, lambda p, b, k, r=None: loss(p, b, k), denominator=count)
   if name in ("vrpo", "naive_dpo"):
@@ -76,8 +77,8 @@ def make_objective(name: str, model_cfg: model_lib.ModelConfig, *, eps: float = 
       vcfg, copy_chunks = vcfg.as_naive_dpo(), 1  # every setting kept but the sampling budget
     common = dict(needs_reference=not precompute_reference, reference_in_batch=precompute_reference, vrpo_config=vcfg)
     if not packed and copy_chunks == 1:
-      return Objective(name, vrpo.VRPOLoss(logits, mask_id, vcfg), **common)
-    loss = vrpo_packed.PackedVRPOLoss(logits, mask_id, vcfg, copy_chunks=copy_chunks)
+      return Objective(name, vrpo.VRPOLoss(logits, mask_id, vcfg, **drop), **common)
+    loss = vrpo_packed.PackedVRPOLoss(logits, mask_id, vcfg, copy_chunks=copy_chunks, **drop)
     return Objective(name, loss, value_and_grad=loss.value_and_grad if copy_chunks > 1 else None,
                      denominator=_count_examples if packed else None, **common)
   raise ValueError(f"objective {name!r}: expected one of {NAMES}")
