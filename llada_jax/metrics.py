@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
+from llada_jax import wandb_writer
 from llada_jax.model import ModelConfig
 
 # --------------------------------------------------------------------------------------------
@@ -258,17 +259,21 @@ class MetricWriter:
   Python, NumPy or (replicated) JAX scalars; None values are skipped. Non-finite values are written
   as NaN/Infinity, which Python's json reads back. Lines are appended: after a resume from an
   earlier step, the last line for a step is the current one. `workdir` is a local or mounted path.
+  With `wandb` settings, scalars, text and the config go to Weights & Biases too (`wandb_writer`).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None, tensorboard: bool = True,
-               flush_secs: int = 30):
+               flush_secs: int = 30, wandb: wandb_writer.WandbSettings | None = None):
     self.workdir = os.fspath(workdir)
     self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
     self._jsonl = None
     self._tb = None
+    self._wandb = None
     if not self.enabled:
       return
     os.makedirs(self.workdir, exist_ok=True)
+    if wandb is not None:  # first: if W&B cannot start, no file has been opened yet
+      self._wandb = wandb_writer.WandbWriter(self.workdir, wandb)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -300,6 +305,8 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(name, value, step)
+    if self._wandb is not None:
+      self._wandb.write_scalars(step, values)
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """Text to TensorBoard and to `workdir/text.jsonl`."""
@@ -309,6 +316,8 @@ class MetricWriter:
       f.write(json.dumps({"step": int(step), "tag": tag, "text": text}) + "\n")
     if self._tb is not None:
       self._tb.add_text(tag, text, int(step))
+    if self._wandb is not None:
+      self._wandb.write_text(int(step), tag, text)
 
   def write_config(self, config, *, step: int = 0) -> str | None:
     """Saves the config as JSON (ConfigDict, dataclass or mapping) and shows it in TensorBoard.
@@ -329,6 +338,8 @@ class MetricWriter:
     if self._tb is not None:
       # Indented by four spaces: TensorBoard renders text as Markdown, this keeps it verbatim.
       self._tb.add_text("config", "\n".join("    " + line for line in content.splitlines()), int(step))
+    if self._wandb is not None:
+      self._wandb.write_config(json.loads(content))
     return path
 
   def flush(self) -> None:
@@ -344,6 +355,9 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
 
   def __enter__(self) -> "MetricWriter":
     return self

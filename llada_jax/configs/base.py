@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from llada_jax import optim, sharding
+from llada_jax import optim, sharding, wandb_writer
 from llada_jax.configs import models
 from llada_jax.data.sources import ON_TOO_LONG
 from llada_jax.diffusion import ESTIMATORS as ELBO_ESTIMATORS
@@ -22,6 +22,22 @@ OBJECTIVES = ("pretrain", "sft", "vrpo", "naive_dpo")
 # What a resume does when the latest checkpoint fails its integrity check (storage.checkpoint):
 # "previous" moves it aside and resumes from the newest intact step; "error" stops the run.
 ON_DAMAGED = ("previous", "error")
+
+
+def logging_config() -> ml_collections.ConfigDict:
+  """Metrics every N steps to metrics.jsonl, TensorBoard and optionally Weights & Biases."""
+  lg = ml_collections.ConfigDict()
+  lg.every_steps = 10
+  lg.progress_bar = True
+  # Weights & Biases (needs `pip install 'llada_jax[wandb]'`). The W&B run id is kept in the workdir, so
+  # a resumed run continues the same W&B run.
+  lg.wandb = False
+  lg.wandb_project = "llada_jax"
+  lg.wandb_entity = ""  # "": the account's default
+  lg.wandb_mode = ""  # online | offline | disabled; "": WANDB_MODE, else online
+  lg.wandb_run_name = ""  # "": the workdir's name
+  lg.wandb_tags = ()
+  return lg
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -110,9 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = eval_config()
 
-  c.logging = ml_collections.ConfigDict()
-  c.logging.every_steps = 10
-  c.logging.progress_bar = True
+  c.logging = logging_config()
 
   c.distributed = ml_collections.ConfigDict()
   # False, True or "auto" (TPU pods, SLURM: JAX finds the coordinator itself). Typed `object` so the
@@ -162,8 +176,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.checkpoint.on_damaged not in ON_DAMAGED:
     fail("checkpoint.on_damaged", f"one of {ON_DAMAGED}")
   _validate_eval(config, fail)
-  if config.logging.every_steps < 1:
-    fail("logging.every_steps", "a positive integer")
+  _validate_logging(config, fail)
   if config.distributed.initialize not in sharding.DISTRIBUTED_MODES:
     fail("distributed.initialize", f"one of {sharding.DISTRIBUTED_MODES}")
 
@@ -193,6 +206,19 @@ def _validate_vrpo(config, fail) -> None:
   n = v.n_timesteps * v.masks_per_timestep  # naive DPO runs one copy per answer and ignores copy_chunks
   if v.copy_chunks < 1 or (config.objective == "vrpo" and n % v.copy_chunks):
     fail("vrpo.copy_chunks", f"a divisor of the budget n = {n} (noised copies per answer)")
+
+
+def _validate_logging(config, fail) -> None:
+  lg = config.logging
+  if lg.every_steps < 1:
+    fail("logging.every_steps", "a positive integer")
+  if lg.wandb_mode not in wandb_writer.MODES:
+    fail("logging.wandb_mode", f"one of {wandb_writer.MODES} ('': WANDB_MODE, else online)")
+  if lg.wandb and not lg.wandb_project:
+    fail("logging.wandb_project", "a W&B project name with logging.wandb=True")
+  # Before the run starts: a missing optional package must not stop it after compiling and loading.
+  if lg.wandb and not wandb_writer.is_installed():
+    fail("logging.wandb", f"False, or the wandb package installed ({wandb_writer.INSTALL_HINT})")
 
 
 EVAL_TASKS = ("", "demo", "gsm8k")

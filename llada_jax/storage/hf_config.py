@@ -159,8 +159,14 @@ def _positive_floats(f: _Fields) -> dict[str, float]:
   return floats
 
 
-def _special_ids(f: _Fields, tokenizer, embedding: int) -> dict[str, int]:
-  """mask, EOS and BOS ids from config.json or else the tokenizer; where both give one they must agree."""
+# Ids the model config may lack: the model never reads BOS, and the reference `save_pretrained`
+# writes config.json without it. Mask and EOS are needed (noising, sampling, padding).
+_OPTIONAL_IDS = ("bos_token_id",)
+
+
+def _special_ids(f: _Fields, tokenizer, embedding: int) -> dict[str, int | None]:
+  """mask, EOS and BOS ids from config.json or else the tokenizer; where both give one they must agree.
+  BOS is None when neither gives it."""
   ids = {}
   for field, tok_attr in (("mask_token_id", "mask_id"), ("eos_token_id", "eos_id"), ("bos_token_id", "bos_id")):
     from_config = f.config.get(field)
@@ -171,6 +177,9 @@ def _special_ids(f: _Fields, tokenizer, embedding: int) -> dict[str, int]:
       raise ConversionError(f"{f.where}: field '{field}' is {from_config} but the tokenizer {tokenizer.path} "
                             f"gives {from_tok}; expected them to agree")
     value = from_config if from_config is not None else from_tok
+    if value is None and field in _OPTIONAL_IDS:
+      ids[field] = None
+      continue
     if value is None:
       raise ConversionError(f"{f.where}: field '{field}' is missing and no tokenizer.json gives it; add it to "
                             "config.json or pass --tokenizer")
@@ -185,7 +194,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any], *, where: str = CONFIG_FI
   """The llada_jax ModelConfig of a Hugging Face LLaDA config.json (checked field by field).
 
   Special ids come from config.json (`mask_token_id`, `eos_token_id`, `bos_token_id`) or else from
-  `tokenizer`; where both give one they must agree.
+  `tokenizer`; where both give one they must agree. Without either, bos_token_id is None.
   """
   fields = _Fields(hf_config, where)
   _check_supported(fields)
@@ -219,6 +228,8 @@ def hf_config_from_model(cfg: model_lib.ModelConfig, *, torch_dtype: str,
       vocab_size=vocab if base is not None and isinstance(vocab, int) and vocab <= cfg.vocab_size else cfg.vocab_size,
       rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, mask_token_id=cfg.mask_token_id,
       eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id, torch_dtype=torch_dtype)
+  if cfg.bos_token_id is None:  # unknown: left out, as the reference save_pretrained does
+    out.pop("bos_token_id")
   if base is None or out.get("pad_token_id") is None:
     out["pad_token_id"] = cfg.eos_token_id  # LLaDA pads with EOS
   for field in _MUST_BE_NULL:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llada_jax import configs, data as data_lib, lora, metrics as metrics_lib, sharding
+from llada_jax import configs, data as data_lib, lora, metrics as metrics_lib, sharding, wandb_writer
 from llada_jax.storage import checkpoint as ckpt_lib, lock as lock_lib, mirrored_writer, remote
 from llada_jax.training import build as build_lib, evaluation, objectives, preemption, reference_elbo
 from llada_jax.training import state as state_lib
@@ -42,7 +42,8 @@ def make_data_iterator(config, model_cfg):
 def make_data(config, model_cfg) -> data_lib.Pipeline:
   """The run's input pipeline (`llada_jax.data.make_dataset`), from its config."""
   if not config.data.train_files:
-    raise ValueError("config.data.train_files=(): expected at least one text, JSONL or ArrayRecord file")
+    raise ValueError("config.data.train_files=(): expected at least one text, JSONL, Parquet, Arrow or "
+                     "ArrayRecord file or datasets directory")
   if not config.data.tokenizer:
     raise ValueError("config.data.tokenizer='': expected a sentencepiece .model, a tokenizer.json or a directory with one")
   tokenizer = data_lib.load_tokenizer(remote.local_copy(config.data.tokenizer))
@@ -100,7 +101,8 @@ def _resume(config, program, manager, data_iterator):
 
 
 # Model fields that change numerics or speed, not what the saved arrays are: a resume may change them.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "attention_interpret", "lora_base_dtype")
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "attention_interpret", "lora_base_dtype",
+                          "lora_dropout")
 
 
 def check_same_run(config, saved: dict, where: str) -> None:
@@ -237,7 +239,7 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
   reference_params, reference_table = _reference(config, program, root_key)
   evaluator = evaluation.make_evaluator(config, program)  # reads its files now: bad ones stop the run here
 
-  writer = mirrored_writer.metric_writer(config.workdir)
+  writer = mirrored_writer.metric_writer(config.workdir, wandb=wandb_writer.settings_from_config(config.logging))
   if latest is None:
     writer.write_config(config.to_dict())
   if pipeline is not None:  # what the data kept, skipped, cut or split: once per (re)start
