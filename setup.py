@@ -18,13 +18,20 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.7",
     "safetensors>=0.4",
     "tokenizers>=0.15.1",
+    # Renders the chat_template of a Hugging Face tokenizer_config.json (LLaDA-8B ships one).
+    "jinja2>=3.0",
 ]
 
 EXTRAS_REQUIRE = {
-    # lm-eval too, so that the harness tests run rather than skip.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "lm-eval==0.4.13"],
+    # lm-eval, wandb, pyarrow and datasets too, so that the harness, W&B and columnar-data tests run rather than skip.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "lm-eval==0.4.13", "wandb>=0.17", "pyarrow>=15", "datasets>=2.18"],
     # The lm-evaluation-harness model `llada_jax` (llada_jax/harness); pinned: it subclasses lm-eval's LM.
     "eval": ["lm-eval==0.4.13"],
+    # Metrics to Weights & Biases (config.logging.wandb=True; llada_jax/wandb_writer.py).
+    "wandb": ["wandb>=0.17"],
+    # Parquet, Arrow and Hugging Face `datasets` directories as data (llada_jax/data/columnar.py); pyarrow reads
+    # them, datasets writes the directories.
+    "data": ["pyarrow>=15", "datasets>=2.18"],
 }
 
 setuptools.setup(

@@ -170,7 +170,7 @@ PACKING_REFUSALS = [
     # id, make_dataset keywords, data file, error, message ({path}: the data file)
     ("array_record", {}, "array_record", DataError,
      "{path}: packed pretraining needs document boundaries, which an ArrayRecord token stream does not keep; "
-     "expected text or JSONL files (or packing=False)"),
+     "expected text or JSONL files, or Parquet, Arrow or datasets tables (or packing=False)"),
     ("max_segments_0", {"max_segments": 0}, "text", ValueError,
      "max_segments must be at least 1 (examples per packed row), got 0"),
     ("packing_bins_negative", {"packing_bins": -1}, "text", ValueError,

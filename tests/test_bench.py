@@ -13,6 +13,7 @@ import pytest
 from llada_jax import sampling
 from llada_jax.bench import __main__ as bench_cli
 from llada_jax.bench import ceiling, core, elbo, lora, packing, sizes, train_step
+from llada_jax.bench import data as data_section
 from llada_jax.bench import sampling as sampling_section
 from llada_jax.data import demo_task, tokenizer as tokenizer_lib
 
@@ -172,6 +173,28 @@ def test_accuracy_columns_with_a_checkpoint(trained_run, tmp_path, capsys):
   assert rows["exact"]["metrics"]["accuracy_drop_vs_exact"] == 0
 
 
+def test_lm_eval_section_times_each_sampler_through_lm_eval(trained_run, tmp_path, capsys):
+  pytest.importorskip("lm_eval")
+  run_dir, test_file, _ = trained_run
+  out = tmp_path / "bench.json"
+  assert bench_cli.main(["--only", "lm_eval", "--checkpoint", str(run_dir), "--task_data", test_file,
+                         "--lm_eval_limit", "2", "--eval_batch_size", "2", "--variants", "exact,dual+threshold",
+                         "--gen_length", "8", "--block_length", "4", "--steps", "8", "--repeats", "1",
+                         "--output", str(out)]) == 0
+  assert "speed-up (generate)" in capsys.readouterr().out
+  rows = {r["settings"]["variant"]: r for r in json.loads(out.read_text())["results"]}
+  assert set(rows) == {"exact", "dual+threshold"}
+  assert rows["dual+threshold"]["settings"]["cache"] == "dual" and rows["exact"]["settings"]["cache"] == "none"
+  for r in rows.values():
+    m = r["metrics"]
+    assert m["documents"] == 2 and 0 <= m["accuracy"] <= 1
+    assert 0 < m["generate_s"] <= r["timing"]["median_s"]
+  assert rows["exact"]["metrics"]["points_vs_exact"] == 0 and rows["exact"]["metrics"]["speedup_generate"] == 1
+  # Without a checkpoint the section is refused in one line, and it is not in the default run.
+  assert bench_cli.main(["--only", "lm_eval", "--model", "tiny"]) == 1
+  assert "needs --checkpoint" in capsys.readouterr().err
+
+
 def test_task_data_without_answers_is_refused(trained_run, tmp_path, capsys):
   run_dir, _, _ = trained_run
   bad = tmp_path / "bad.jsonl"
@@ -321,6 +344,7 @@ def test_bad_sizes_are_usage_errors(argv, message, capsys):
     (["--only", "packing", "--size", "tiny", "--packing_batches", "0"], "--packing_batches=0"),
     (["--only", "lora", "--size", "tiny", "--lora_rank", "0"], "--lora_rank=0"),
     (["--only", "lora", "--size", "tiny", "--lora_vrpo_n", "-1"], "--lora_vrpo_n=-1"),
+    (["--only", "data", "--data_records", "4", "--data_batch_size", "8"], "--data_records=4, --data_batch_size=8"),
 ])
 def test_bad_section_flags_fail_with_a_message(argv, message, capsys):
   assert bench_cli.main(argv) == 1
@@ -405,3 +429,22 @@ def test_packing_length_mix():
   assert np.median(answers) == pytest.approx(64, rel=0.05)  # log-normal, median L / 4
   assert np.std(np.log(answers[answers < 200])) == pytest.approx(0.8, rel=0.15)
   assert math.isclose(np.corrcoef(answers)[0, 1], 0, abs_tol=0.05)  # chosen and rejected independent
+
+
+def test_data_rows():
+  pytest.importorskip("pyarrow")
+  argv = ["--only", "data", "--data_records", "40", "--data_batch_size", "8", "--data_seq_len", "64",
+          "--data_row_group", "16", "--repeats", "1", "--warmup", "0"]
+  results = data_section.bench_data(core.Context(bench_cli.parse_args(argv)))
+  rows = {r.name: r for r in results}
+  assert list(rows) == ["sft/jsonl", "sft/parquet", "preference/jsonl", "preference/parquet"]
+  for r in results:
+    m = r.metrics
+    assert len(r.times_s) == 1 and not r.warmup_s and m["batches"] == 40 // 8
+    assert m["records_per_s"] == pytest.approx(40 / r.median_s) and 0 < m["build_s"] < r.median_s
+    assert m["read_s"] > 0 and r.settings["file_mb"] > 0
+  for kind in ("sft", "preference"):
+    jsonl, parquet = rows[f"{kind}/jsonl"], rows[f"{kind}/parquet"]
+    assert parquet.metrics["vs_jsonl"] == pytest.approx(jsonl.median_s / parquet.median_s)
+    assert jsonl.metrics["vs_jsonl"] == 1.0
+  assert "vs JSONL" in core.format_table("data", results)

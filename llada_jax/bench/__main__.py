@@ -1,10 +1,11 @@
 """Benchmarks: wall time and derived rates of the framework's hot paths, as a table and JSON.
 
-  python -m llada_jax.bench [--only ceiling,train_step,packing,lora,elbo,sampling] [--size demo,ref35m] \\
-      [--dtype float32,bfloat16] [--model PRESET | --checkpoint RUN_DIR] [--model.FIELD=VALUE ...] \\
-      [--repeats 5] [--warmup 1] [--output bench.json]
+  python -m llada_jax.bench [--only ceiling,train_step,packing,lora,elbo,sampling,lm_eval,data] \\
+      [--size demo,ref35m] [--dtype float32,bfloat16] [--model PRESET | --checkpoint RUN_DIR] \\
+      [--model.FIELD=VALUE ...] [--repeats 5] [--warmup 1] [--output bench.json]
 
-Sections (`--only a,b`, run in that order; default: all, ceiling first) each time their own calls:
+Sections (`--only a,b`, run in that order; default: all but lm_eval, ceiling first)
+each time their own calls:
 
   ceiling     a large jitted matmul per compute dtype (float32 accumulation) and memory bandwidth:
               what MFU is measured against, in the same process.
@@ -25,9 +26,15 @@ Sections (`--only a,b`, run in that order; default: all, ceiling first) each tim
   sampling    every sampler variant (exact, prefix, dual, threshold, dual+threshold) at the given
               sizes: generated tokens/s, seconds per call, forward passes, speed-up vs exact; with a
               checkpoint and `--task_data`, also each variant's accuracy on the demo task.
+  lm_eval     with a checkpoint and lm-eval installed: lm-evaluation-harness generate_until passes of
+              the `llada_jax` model on a shipped task (`--lm_eval_task`, `--task_data`), per sampler
+              variant: seconds per pass, seconds inside generate_until, accuracy, speed-up and points
+              against the exact sampler.
+  data        building the SFT and preference sources and reading one epoch of batches from the same
+              `--data_records` records as JSONL and as Parquet: records/s and Parquet against JSONL.
 
-train_step, packing, lora and elbo run at the named `--size`s (a model preset and the sequence length and
-batch it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
+train_step, packing, lora and elbo run at the named `--size`s (a model preset and the
+sequence length and batch it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
 llada_jax.configs.models with random weights (`--model`, default `reference` = `ref35m`: the size of
 the reference PyTorch figures, d_model 512, 8 layers, 8 heads, MLP 1536, vocab 8192). `--model.FIELD`
 overrides apply to every model. Every timed call blocks on its output; the first `--warmup` calls
@@ -48,15 +55,19 @@ from absl import flags
 from llada_jax import cli
 from llada_jax.bench import core
 # Each section registers itself and defines its flags on import; this is the order they are listed in.
-from llada_jax.bench import ceiling, train_step, packing, lora, elbo, sampling  # noqa: F401
+from llada_jax.bench import ceiling, train_step, packing, lora, elbo, sampling, lm_eval, data  # noqa: F401
 
 # The ceiling first: the sections after it compute MFU against its measurements.
-DEFAULT_ORDER = ("ceiling", "train_step", "packing", "lora", "elbo", "sampling")
+DEFAULT_ORDER = ("ceiling", "train_step", "packing", "lora", "elbo", "sampling", "lm_eval", "data")
 _HELP = ("-h", "--help", "--helpfull", "--helpshort")
 
 _ORDER = [name for name in DEFAULT_ORDER if name in core.SECTIONS] + [
     name for name in core.SECTIONS if name not in DEFAULT_ORDER]
-core.define_list("only", _ORDER, f"comma-separated sections to run, in order (default: all: {','.join(_ORDER)})")
+# Run only when named: they need a trained run or an optional extra.
+OPT_IN = ("lm_eval",)
+_DEFAULT = [name for name in _ORDER if name not in OPT_IN]
+core.define_list("only", _DEFAULT, f"comma-separated sections to run, in order (default: {','.join(_DEFAULT)}; "
+                 f"also {','.join(OPT_IN)})")
 flags.DEFINE_string("checkpoint", None, "a training run's workdir or its checkpoints/ directory",
                     flag_values=core.FLAGS)
 flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=core.FLAGS)

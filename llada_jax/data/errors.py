@@ -5,6 +5,17 @@ from __future__ import annotations
 import os
 
 
+class Record(int):
+  """A 0-based record index given where a line number is expected.
+
+  Parsing code shared by line formats (JSONL) and record formats (Parquet, Arrow) passes its location
+  as `line=`; a Record there is reported as `record N` instead, so that code needs no second path.
+  """
+
+  def __repr__(self):
+    return f"Record({int(self)})"
+
+
 class DataError(ValueError):
   """Bad input data, located by file, line (or record) and field.
 
@@ -21,6 +32,8 @@ class DataError(ValueError):
       record: int | None = None,
       field: str | None = None,
   ):
+    if isinstance(line, Record):
+      line, record = None, int(line)
     self.path = None if path is None else os.fspath(path)
     self.line = line
     self.record = record

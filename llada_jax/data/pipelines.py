@@ -50,6 +50,9 @@ Data conventions:
   <|eot_id|>). tokens = prompt + response + EOS + EOS padding; prompt_lengths = len(prompt).
   With chat_template=False the prompt is the raw prompt text's tokens.
 - preference: JSONL `{"prompt", "chosen", "rejected"}`; *_lengths = prompt + response + 1 EOS.
+- records: whatever is said of JSONL lines holds for the rows of Parquet and Arrow files and of
+  directories saved by Hugging Face `datasets` (`DIR`, `DIR:SPLIT`), with the same fields as
+  columns; errors name their 0-based record index (`llada_jax.data.columnar`).
 - on_too_long ('error' | 'truncate' | 'skip'): what to do when prompt + response + EOS exceeds
   seq_len. 'truncate' keeps the prompt and cuts the answer (its EOS is lost); a prompt leaving
   no room for an answer is an error unless skipped. example_id is assigned before skipping.
@@ -131,7 +134,8 @@ def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list
   """A file, a list of files, or glob patterns -> sorted existing paths (patterns expanded).
 
   Paths may be local or remote (`gs://bucket/train-*.jsonl`). Every path, a pattern's matches
-  included, must be a regular file (`readers.check_exists`).
+  included, must be a regular file or a directory saved by `datasets` (`DIR`, or `DIR:SPLIT` of
+  a DatasetDict; `readers.check_exists`).
   """
   if isinstance(files, (str, os.PathLike)):
     files = [files]
@@ -157,9 +161,10 @@ def make_source(kind: str, files, tokenizer: Tokenizer, *, seq_len: int,
                 chat_template: bool = True, on_too_long: str = "error", packing: bool = False):
   """The random-access (unshuffled, unsharded) source of examples of `kind`.
 
-  Pretraining takes text, JSONL (`text` or pre-tokenized `tokens`) and ArrayRecord files, in
-  any mix; packed pretraining (`packing=True`: one example per document) takes text and JSONL
-  only. SFT and preference data are JSONL. Logs the source's `stats` once.
+  Pretraining takes text, records with `text` or pre-tokenized `tokens` (JSONL, Parquet, Arrow,
+  `datasets` directories) and ArrayRecord files, in any mix; packed pretraining (`packing=True`:
+  one example per document) takes all but ArrayRecord. SFT and preference data are records (JSONL,
+  Parquet, Arrow, `datasets` directories). Logs the source's `stats` once.
   """
   kind = canonical_kind(kind)
   paths = expand_files(files)
@@ -168,9 +173,10 @@ def make_source(kind: str, files, tokenizer: Tokenizer, *, seq_len: int,
   if kind == "pretrain":
     source = _pretrain_source(paths, tokenizer, seq_len, packing)
   else:
-    not_jsonl = [p for p in paths if not readers.is_jsonl(p)]
-    if not_jsonl:
-      raise DataError(f"{kind} data must be JSONL; expected a .jsonl file", path=not_jsonl[0])
+    not_records = [p for p in paths if not readers.is_record_file(p)]
+    if not_records:
+      raise DataError(f"{kind} data must be JSONL, Parquet, Arrow or a datasets directory; expected a .jsonl, "
+                      ".parquet or .arrow file or a directory saved by datasets", path=not_records[0])
     cls = sources.SFTSource if kind == "sft" else sources.PreferenceSource
     source = cls(paths, tokenizer, seq_len, chat_template=chat_template, on_too_long=on_too_long)
   _log_stats(kind, source.stats, seq_len, packing)
@@ -183,7 +189,7 @@ def _pretrain_source(paths: list[str], tokenizer: Tokenizer, seq_len: int, packi
   if packing:
     if array_records:
       raise DataError("packed pretraining needs document boundaries, which an ArrayRecord token stream does not "
-                      "keep; expected text or JSONL files (or packing=False)", path=array_records[0])
+                      "keep; expected text or JSONL files, or Parquet, Arrow or datasets tables (or packing=False)", path=array_records[0])
     return packing_lib.DocumentSource(texts, tokenizer, seq_len)
   parts = []
   if texts:

@@ -3,10 +3,13 @@
 File formats (chosen by name):
 - `*.jsonl`, `*.json`, `*.ndjson`: one JSON object per line; blank lines are ignored.
 - `*.array_record*`: pre-tokenized token stream (`sources.write_array_record`).
+- `*.parquet`, `*.arrow`, and directories saved by Hugging Face `datasets` (`DIR`, `DIR:SPLIT`):
+  records read a batch at a time by `llada_jax.data.columnar`.
 - anything else: UTF-8 plain text; documents are separated by blank (or whitespace-only) lines,
   so a file without blank lines is a single document.
 
-Line numbers in errors are 1-based. Files are local paths or `gs://` URLs.
+Line numbers in errors are 1-based, record indices (columnar formats) 0-based. Files are local
+paths or `gs://` URLs.
 """
 
 from __future__ import annotations
@@ -35,23 +38,30 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIF
 
 
 def check_exists(path: str | os.PathLike, what: str = "data file") -> None:
-  """Raises DataError unless `path` is an existing regular file (a link to one is fine).
+  """Raises DataError unless `path` is an existing regular file (a link to one is fine), or a
+  directory saved by Hugging Face `datasets` (`DIR`, or `DIR:SPLIT` of a DatasetDict).
 
   Checked before a file is opened: opening a FIFO blocks until something writes to it, and a
   directory or device fails later with an error that names neither. Remote (gs://) paths are
   only checked to exist, through etils.epath.
   """
+  from llada_jax.data import columnar  # noqa: PLC0415 - columnar imports this module
+
   path = os.fspath(path)
   if "://" in path:
-    if not epath.Path(path).is_file():
+    if not (epath.Path(path).is_file() or columnar.is_dataset(path)):
       raise DataError(f"file not found; expected an existing {what}", path=path)
     return
   try:
     mode = os.stat(path).st_mode
   except FileNotFoundError:
+    if columnar.is_dataset(path):  # DIR:SPLIT
+      return
     raise DataError(f"file not found; expected an existing {what}", path=path) from None
   except OSError as e:  # a path through a file, a loop of links, no permission on a directory
     raise DataError(f"cannot be read ({e.strerror}); expected an existing {what}", path=path) from None
+  if stat.S_ISDIR(mode) and columnar.is_dataset(path):
+    return
   if not stat.S_ISREG(mode):
     kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
     raise DataError(f"is {kind}; expected a regular file ({what})", path=path)
@@ -90,6 +100,32 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"expected a JSON object, got {type(obj).__name__}",
                         path=path, line=line_number)
       yield line_number, obj
+
+
+def is_record_file(path: str | os.PathLike) -> bool:
+  """Whether `path` holds records (dicts): JSONL, Parquet, Arrow or a `datasets` directory."""
+  from llada_jax.data import columnar  # noqa: PLC0415
+
+  return is_jsonl(path) or columnar.is_columnar(path)
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(location, record) of each record of a JSONL or columnar file (`is_record_file`).
+
+  The location is the 1-based line number for JSONL and an `errors.Record` (the 0-based record
+  index) for columnar formats; passed to DataError as `line=`, it reads `line N` or `record N`.
+  """
+  from llada_jax.data import columnar  # noqa: PLC0415
+
+  path = os.fspath(path)
+  if is_jsonl(path):
+    yield from iter_jsonl(path)
+    return
+  if not columnar.is_columnar(path):
+    raise DataError("is not a record file; expected JSONL (.jsonl), Parquet (.parquet), Arrow (.arrow) or a "
+                    "directory saved by datasets", path=path)
+  check_exists(path)
+  yield from columnar.iter_columnar(path)
 
 
 def get_string(obj: dict, key: str, *, path, line, field: str | None = None) -> str:

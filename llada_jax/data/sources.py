@@ -3,9 +3,11 @@
 File formats and how they are read: `llada_jax.data.readers`. ArrayRecord record numbers in errors
 are 0-based, as readers index them.
 
-Sources are eager for text and JSONL: every file is read, validated and tokenized once when the
-pipeline is built, so bad data fails at start-up and each process knows the exact number of
-examples to shard. Corpora too large for that are converted once to ArrayRecord and read lazily.
+Sources are eager for text, JSONL and the columnar formats (Parquet, Arrow, `datasets`
+directories): every file is read, validated and tokenized once when the pipeline is built, so bad
+data fails at start-up and each process knows the exact number of examples to shard. Files are
+read a line or a record batch at a time and only the int32 token ids are kept, never the text.
+Corpora too large for that are converted once to ArrayRecord and read lazily.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from llada_jax.data import schemas
 from llada_jax.data.errors import DataError
-from llada_jax.data.readers import check_exists, get_string, is_jsonl, iter_jsonl, iter_text_documents
-from llada_jax.data.tokenizer import CHAT_ROLES, Tokenizer
+from llada_jax.data.readers import check_exists, get_string, is_record_file, iter_records, iter_text_documents
+from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.storage import remote
 
 ON_TOO_LONG = ("error", "truncate", "skip")
@@ -75,12 +78,13 @@ def _token_list(value, tokenizer: Tokenizer, *, path, line, field) -> np.ndarray
 
 def iter_pretrain_documents(path: str | os.PathLike, tokenizer: Tokenizer,
                             ) -> Iterator[tuple[int, str | np.ndarray]]:
-  """(line, text or token ids) per document: text files, or JSONL with `text` or `tokens`."""
+  """(location, text or token ids) per document: text files, or records (JSONL, Parquet, Arrow,
+  `datasets` directories) with a `text` string or a `tokens` list of ids."""
   path = os.fspath(path)
-  if not is_jsonl(path):
+  if not is_record_file(path):
     yield from iter_text_documents(path)
     return
-  for line, obj in iter_jsonl(path):
+  for line, obj in iter_records(path):
     if "text" not in obj and "tokens" in obj:
       yield line, _token_list(obj["tokens"], tokenizer, path=path, line=line, field="tokens")
     elif "text" not in obj:
@@ -175,7 +179,8 @@ def write_array_record(
     chunk_len: int = 4096,
     overwrite: bool = False,
 ) -> dict[str, int]:
-  """Tokenizes text/JSONL pretraining files into one ArrayRecord token-stream file.
+  """Tokenizes pretraining files (text, JSONL, Parquet, Arrow, `datasets` directories) into one
+  ArrayRecord token-stream file.
 
   The EOS-terminated documents are concatenated and stored as records of `chunk_len`
   little-endian int32 ids (the last record may be shorter), so a reader can cut rows of any
@@ -341,76 +346,39 @@ class ConcatSource:
 class _Turn:
   """One single-turn example before tokenization."""
   path: str
-  line: int
+  line: int  # a line number, or an errors.Record
   messages: list[dict[str, str]] | None  # the conversation before the answer (chat form)
   prompt: str | None  # raw prompt (prompt/response form)
   answers: dict[str, tuple[str, str]]  # name -> (field for errors, text)
+  prompt_field: str = "prompt"  # the record field the prompt came from, for errors
 
 
-def _parse_messages(obj: dict, *, path, line) -> list[_Turn]:
-  """Splits a dialogue into one example per assistant turn, prompted by everything before it."""
-  messages = obj["messages"]
-  if not isinstance(messages, list) or not messages:
-    raise DataError("expected a non-empty list of {\"role\", \"content\"} objects",
-                    path=path, line=line, field="messages")
-  clean = []
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict):
-      raise DataError(f"expected an object with 'role' and 'content', got {type(m).__name__}",
-                      path=path, line=line, field=f"messages[{i}]")
-    role = m.get("role")
-    if role not in CHAT_ROLES:
-      raise DataError(f"role {role!r}; expected one of {', '.join(CHAT_ROLES)}",
-                      path=path, line=line, field=f"messages[{i}].role")
-    content = get_string(m, "content", path=path, line=line, field=f"messages[{i}].content")
-    clean.append({"role": role, "content": content})
-  turns = []
-  for i, m in enumerate(clean):
-    if m["role"] != "assistant":
-      continue
-    if not any(p["role"] == "user" for p in clean[:i]):
-      raise DataError("assistant turn with no user turn before it; expected a user message "
-                      "first", path=path, line=line, field=f"messages[{i}]")
-    turns.append(_Turn(path, line, clean[:i], None,
-                       {"response": (f"messages[{i}].content", m["content"])}))
-  if not turns:
-    raise DataError("no assistant turn; expected at least one message with role 'assistant'",
-                    path=path, line=line, field="messages")
-  return turns
+def _turn(example: schemas.Example, path, line) -> _Turn:
+  return _Turn(path, line, example.messages, example.prompt, example.answers, example.prompt_field)
 
 
 def _parse_sft(obj: dict, *, path, line) -> list[_Turn]:
-  if "messages" in obj:
-    return _parse_messages(obj, path=path, line=line)
-  if "prompt" not in obj and "response" not in obj:
-    raise DataError("missing; expected 'prompt' and 'response' strings, or 'messages'",
-                    path=path, line=line, field="prompt")
-  prompt = get_string(obj, "prompt", path=path, line=line)
-  response = get_string(obj, "response", path=path, line=line)
-  return [_Turn(path, line, None, prompt, {"response": ("response", response)})]
+  """prompt/response, prompt/completion (plain or conversational) or messages: `schemas`."""
+  return [_turn(e, path, line) for e in schemas.sft_examples(obj, path=path, line=line)]
 
 
 def _parse_preference(obj: dict, *, path, line) -> list[_Turn]:
-  prompt = get_string(obj, "prompt", path=path, line=line)
-  chosen = get_string(obj, "chosen", path=path, line=line)
-  rejected = get_string(obj, "rejected", path=path, line=line)
-  if chosen == rejected:
-    # Identical answers state no preference; such a pair only adds noise to the loss (often a copying slip).
-    raise DataError("chosen and rejected are identical; expected two different answers", path=path, line=line,
-                    field="rejected")
-  return [_Turn(path, line, None, prompt,
-                {"chosen": ("chosen", chosen), "rejected": ("rejected", rejected)})]
+  """TRL's preference schemas, explicit or implicit prompt, plain or conversational: `schemas`."""
+  return [_turn(schemas.preference_example(obj, path=path, line=line), path, line)]
 
 
 def _prompt_ids(turn: _Turn, tokenizer: Tokenizer, chat_template: bool) -> list[int]:
   if chat_template:
     messages = turn.messages or [{"role": "user", "content": turn.prompt}]
-    return tokenizer.encode_chat(messages)
+    try:
+      return tokenizer.encode_chat(messages)
+    except DataError as e:  # a tokenizer's own template refusing this conversation: say which record
+      raise DataError(f"{e}", path=turn.path, line=turn.line, field=turn.prompt_field) from None
   if turn.messages is not None:
     if len(turn.messages) != 1 or turn.messages[0]["role"] != "user":
       raise DataError("a dialogue with more than one message before the answer needs "
                       "chat_template=True; expected a single user message",
-                      path=turn.path, line=turn.line, field="messages")
+                      path=turn.path, line=turn.line, field=turn.prompt_field)
     return tokenizer.encode(turn.messages[0]["content"])
   return tokenizer.encode(turn.prompt)
 
@@ -423,10 +391,9 @@ def _fit(turn: _Turn, prompt_len: int, field: str, answer: list[int], seq_len: i
   if on_too_long == "skip":
     return None
   if prompt_len >= seq_len:
-    prompt_field = "messages" if turn.messages is not None else "prompt"
     raise DataError(f"prompt is {prompt_len} tokens; expected fewer than seq_len {seq_len} to "
                     "leave room for the answer (or on_too_long='skip')",
-                    path=turn.path, line=turn.line, field=prompt_field)
+                    path=turn.path, line=turn.line, field=turn.prompt_field)
   if on_too_long == "truncate":
     return answer[:seq_len - prompt_len]
   raise DataError(f"prompt ({prompt_len}) + answer with EOS ({len(answer)}) is "
@@ -435,12 +402,13 @@ def _fit(turn: _Turn, prompt_len: int, field: str, answer: list[int], seq_len: i
                   path=turn.path, line=turn.line, field=field)
 
 
-def _load_turns(files: Sequence[str], parse) -> list[_Turn]:
-  turns = []
+def _load_turns(files: Sequence[str], parse) -> Iterator[_Turn]:
+  """The examples of the files in order, parsed as they are read: only the tokens built from them are kept,
+  so no file's text is ever held whole."""
   for path in files:
-    for line, obj in iter_jsonl(os.fspath(path)):
-      turns.extend(parse(obj, path=os.fspath(path), line=line))
-  return turns
+    # The location is a line number (JSONL) or an errors.Record (columnar): either reads right in errors.
+    for line, obj in iter_records(os.fspath(path)):
+      yield from parse(obj, path=os.fspath(path), line=line)
 
 
 class SFTSource:
@@ -458,8 +426,9 @@ class SFTSource:
     self.seq_len, self.pad_id = seq_len, tokenizer.eos_id
     rows, prompt_lengths, example_ids = [], [], []
     self.num_truncated = 0
-    turns = _load_turns(files, _parse_sft)
-    for example_id, turn in enumerate(turns):
+    num_turns = 0
+    for example_id, turn in enumerate(_load_turns(files, _parse_sft)):
+      num_turns += 1
       prompt = _prompt_ids(turn, tokenizer, chat_template)
       field, response = turn.answers["response"]
       full = tokenizer.encode(response) + [tokenizer.eos_id]
@@ -470,7 +439,7 @@ class SFTSource:
       rows.append(prompt + answer)
       prompt_lengths.append(len(prompt))
       example_ids.append(example_id)
-    self.num_skipped = len(turns) - len(rows)
+    self.num_skipped = num_turns - len(rows)
     self.rows = Ragged(rows)
     self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
     self.example_ids = np.asarray(example_ids, np.int32)
@@ -510,8 +479,9 @@ class PreferenceSource:
     self.seq_len, self.pad_id = seq_len, tokenizer.eos_id
     chosen, rejected, prompt_lengths, example_ids = [], [], [], []
     self.num_truncated = 0
-    turns = _load_turns(files, _parse_preference)
-    for example_id, turn in enumerate(turns):
+    num_turns = 0
+    for example_id, turn in enumerate(_load_turns(files, _parse_preference)):
+      num_turns += 1
       prompt = _prompt_ids(turn, tokenizer, chat_template)
       fitted, full_lengths = [], []
       for name in ("chosen", "rejected"):
@@ -526,7 +496,7 @@ class PreferenceSource:
       rejected.append(prompt + fitted[1])
       prompt_lengths.append(len(prompt))
       example_ids.append(example_id)
-    self.num_skipped = len(turns) - len(chosen)
+    self.num_skipped = num_turns - len(chosen)
     self.chosen, self.rejected = Ragged(chosen), Ragged(rejected)
     self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
     self.example_ids = np.asarray(example_ids, np.int32)

@@ -4,7 +4,8 @@ The interface carries the LLaDA special tokens (mask, EOS = pad, BOS, chat marke
 the chat template from ids, so header and end-of-turn markers are always single special tokens
 and user text can never produce a special id. Backends: sentencepiece models trained here
 (`.model`, command line: `python -m llada_jax.tokenizer train`) and Hugging Face `tokenizer.json`
-files, such as the one shipped with LLaDA-8B.
+files, such as the one shipped with LLaDA-8B; a Jinja `chat_template` in the `tokenizer_config.json`
+beside one replaces the built-in template, with the same guarantee (`llada_jax.data.chat_template`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import abc
 import os
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from llada_jax.data import chat_template as chat_template_lib
 from llada_jax.data import readers
 from llada_jax.data.errors import DataError
 
@@ -275,9 +277,35 @@ class HuggingFaceTokenizer(Tokenizer):
         raise DataError(f"token {token!r} (id {token_id}) is not an added token marked special; expected "
                         "it in added_tokens with \"special\": true, so that text cannot produce it", path=path)
       self._ids[token] = token_id
+    specials = {added[i].content: i for i in self._special}
+    self.chat_template = chat_template_lib.load(
+        os.path.join(os.path.dirname(path), chat_template_lib.CONFIG_FILE), specials)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_chat(
+      self,
+      messages: Sequence[Mapping[str, str]],
+      add_generation_prompt: bool = True,
+  ) -> list[int]:
+    """The tokenizer's own Jinja chat template if tokenizer_config.json has one, else LLaDA's.
+
+    Special ids come only from the template's text; message contents are encoded as plain text.
+    """
+    if self.chat_template is None:
+      return super().encode_chat(messages, add_generation_prompt)
+    for i, message in enumerate(messages):
+      # Roles are written into the template's text, where special tokens are matched.
+      if message["role"] not in CHAT_ROLES:
+        raise ValueError(f"message {i} has role {message['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+    ids = []
+    for piece in self.chat_template.pieces(messages, add_generation_prompt):
+      if isinstance(piece, int):
+        ids.append(piece)
+      else:
+        ids += self.encode(piece)
+    return ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
@@ -352,26 +380,30 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         f"{max(tokenizer.vocab_size, largest_special + 1)}")
 
 
-# Fields whose strings train a tokenizer when the input is JSONL: pretraining, SFT and
-# preference formats.
-_JSONL_TEXT_FIELDS = ("text", "prompt", "response", "chosen", "rejected")
+# Fields whose strings, or whose messages' contents, train a tokenizer when the input is JSONL:
+# pretraining, SFT and preference formats (llada_jax.data.schemas).
+_JSONL_TEXT_FIELDS = ("text", "prompt", "response", "completion", "chosen", "rejected", "messages")
 
 
 def iter_training_text(input_files: Sequence[str | os.PathLike]) -> Iterator[str]:
   """Lines of text for tokenizer training, from plain text and JSONL files.
 
-  JSONL lines contribute their text fields (`text`, `prompt`, `response`, `chosen`, `rejected`,
-  `messages[*].content`). sentencepiece trains on lines, so texts are split on newlines.
+  JSONL lines contribute their text fields (`text`, `prompt`, `response`, `completion`, `chosen`,
+  `rejected`), or the `content` of each message where such a field (or `messages`) is a list of
+  messages. sentencepiece trains on lines, so texts are split on newlines.
   """
   for path in input_files:
     path = os.fspath(path)
     if readers.is_jsonl(path):
       for line, obj in readers.iter_jsonl(path):
-        texts = [(k, obj[k]) for k in _JSONL_TEXT_FIELDS if isinstance(obj.get(k), str)]
-        messages = obj.get("messages")
-        if isinstance(messages, list):
-          texts += [(f"messages[{i}].content", m["content"]) for i, m in enumerate(messages)
-                    if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        texts = []
+        for key in _JSONL_TEXT_FIELDS:
+          value = obj.get(key)
+          if isinstance(value, str):
+            texts.append((key, value))
+          elif isinstance(value, list):
+            texts += [(f"{key}[{i}].content", m["content"]) for i, m in enumerate(value)
+                      if isinstance(m, dict) and isinstance(m.get("content"), str)]
         for field, text in texts:
           readers.check_utf8(text, path=path, line=line, field=field)
           yield from (t for t in text.split("\n") if t.strip())
