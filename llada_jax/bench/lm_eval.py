@@ -63,7 +63,8 @@ def model_args(args: types.SimpleNamespace, variant: str) -> dict[str, Any]:
   sampler = sampling_section.sampler_variants(args.threshold)[variant]
   out = dict(checkpoint=args.checkpoint, gen_length=args.gen_length, block_length=args.block_length,
              steps=args.steps, temperature=args.temperature, batch_size=args.eval_batch_size, seed=args.seed,
-             cache=sampler["cache"] or "none")
+             cache=sampler["cache"] or "none",
+             mc_num=args.eval_batch_size)  # unused by generate_until; a multiple of batch_size, as checked
   if sampler["threshold"] is not None:
     out["threshold"] = sampler["threshold"]
   if args.step is not None:
