@@ -32,6 +32,9 @@ EXTRAS_REQUIRE = {
     # Parquet, Arrow and Hugging Face `datasets` directories as data (llada_jax/data/columnar.py); pyarrow reads
     # them, datasets writes the directories.
     "data": ["pyarrow>=15", "datasets>=2.18"],
+    # The benchmark's PyTorch baseline (`python -m llada_jax.bench --only torch_baseline`); not in `test`: too large
+    # for every install, and its tests skip without it.
+    "torch": ["torch>=2.4"],
 }
 
 setuptools.setup(

@@ -1,10 +1,10 @@
 """Benchmarks: wall time and derived rates of the framework's hot paths, as a table and JSON.
 
-  python -m llada_jax.bench [--only ceiling,train_step,packing,lora,elbo,sampling,lm_eval,data] \\
+  python -m llada_jax.bench [--only ceiling,train_step,packing,lora,elbo,sampling,lm_eval,data,torch_baseline] \\
       [--size demo,ref35m] [--dtype float32,bfloat16] [--model PRESET | --checkpoint RUN_DIR] \\
       [--model.FIELD=VALUE ...] [--repeats 5] [--warmup 1] [--output bench.json]
 
-Sections (`--only a,b`, run in that order; default: all but lm_eval, ceiling first)
+Sections (`--only a,b`, run in that order; default: all but lm_eval and torch_baseline, ceiling first)
 each time their own calls:
 
   ceiling     a large jitted matmul per compute dtype (float32 accumulation) and memory bandwidth:
@@ -32,8 +32,11 @@ each time their own calls:
               against the exact sampler.
   data        building the SFT and preference sources and reading one epoch of batches from the same
               `--data_records` records as JSONL and as Parquet: records/s and Parquet against JSONL.
+  torch_baseline  with torch installed: the pretraining step beside the same architecture and step in
+              plain PyTorch (llada_jax/bench/torch_model.py), same weights and batch, timed in turn
+              (torch on os.cpu_count() threads): tokens/s of each, MFU, JAX/PyTorch.
 
-train_step, packing, lora and elbo run at the named `--size`s (a model preset and the
+train_step, packing, lora, elbo and torch_baseline run at the named `--size`s (a model preset and the
 sequence length and batch it is timed at) in each `--dtype`. sampling runs a trained run (`--checkpoint`) or a preset of
 llada_jax.configs.models with random weights (`--model`, default `reference` = `ref35m`: the size of
 the reference PyTorch figures, d_model 512, 8 layers, 8 heads, MLP 1536, vocab 8192). `--model.FIELD`
@@ -56,15 +59,16 @@ from llada_jax import cli
 from llada_jax.bench import core
 # Each section registers itself and defines its flags on import; this is the order they are listed in.
 from llada_jax.bench import ceiling, train_step, packing, lora, elbo, sampling, lm_eval, data  # noqa: F401
+from llada_jax.bench import torch_baseline  # noqa: F401 - imports torch only when it runs
 
 # The ceiling first: the sections after it compute MFU against its measurements.
-DEFAULT_ORDER = ("ceiling", "train_step", "packing", "lora", "elbo", "sampling", "lm_eval", "data")
+DEFAULT_ORDER = ("ceiling", "train_step", "packing", "lora", "elbo", "sampling", "lm_eval", "data", "torch_baseline")
 _HELP = ("-h", "--help", "--helpfull", "--helpshort")
 
 _ORDER = [name for name in DEFAULT_ORDER if name in core.SECTIONS] + [
     name for name in core.SECTIONS if name not in DEFAULT_ORDER]
 # Run only when named: they need a trained run or an optional extra.
-OPT_IN = ("lm_eval",)
+OPT_IN = ("lm_eval", "torch_baseline")
 _DEFAULT = [name for name in _ORDER if name not in OPT_IN]
 core.define_list("only", _DEFAULT, f"comma-separated sections to run, in order (default: {','.join(_DEFAULT)}; "
                  f"also {','.join(OPT_IN)})")
