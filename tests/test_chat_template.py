@@ -9,11 +9,8 @@ import pytest
 
 from llada_jax.data import DataError
 from llada_jax.data import tokenizer as tok_lib
+from tests.test_convert import build_tokenizer as build_tokenizer_json
 
-SPECIAL_TOKENS = (tok_lib.BOS_TOKEN, tok_lib.EOS_TOKEN, tok_lib.MASK_TOKEN, tok_lib.START_HEADER_TOKEN,
-                  tok_lib.END_HEADER_TOKEN, tok_lib.EOT_TOKEN)
-CORPUS = ["the cat sat on the mat", "what is 7 plus 5? it is 12.", "hello world\n\nsecond paragraph",
-          "naïve café 数据 😀", "You are a helpful assistant.", "user assistant system"] * 20
 
 # LLaDA-8B-Instruct's template: Llama-3's, with the content trimmed and BOS before the first message.
 LLADA_TEMPLATE = (
@@ -38,23 +35,9 @@ CONVERSATIONS = {
 
 def build_tokenizer(directory, chat_template=None, config=None):
   """A byte-level BPE tokenizer.json with the LLaDA special tokens, and a tokenizer_config.json."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-  spec = json.loads(tok.to_str())
-  next_id = max(spec["model"]["vocab"].values()) + 1
-  spec["added_tokens"] = []
-  for i, token in enumerate(SPECIAL_TOKENS):
-    spec["model"]["vocab"][token] = next_id + i
-    spec["added_tokens"].append({"id": next_id + i, "content": token, "single_word": False, "lstrip": False,
-                                 "rstrip": False, "normalized": False, "special": True})
-  (directory / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+  build_tokenizer_json(directory / "tokenizer.json")
   if config is None and chat_template is not None:
     config = {"bos_token": tok_lib.BOS_TOKEN, "eos_token": tok_lib.EOS_TOKEN, "chat_template": chat_template}
   if config is not None:
