@@ -173,6 +173,7 @@ def test_accuracy_columns_with_a_checkpoint(trained_run, tmp_path, capsys):
   assert rows["exact"]["metrics"]["accuracy_drop_vs_exact"] == 0
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; the section is opt-in
 def test_lm_eval_section_times_each_sampler_through_lm_eval(trained_run, tmp_path, capsys):
   pytest.importorskip("lm_eval")
   run_dir, test_file, _ = trained_run
@@ -362,6 +363,7 @@ def test_rates_against_a_known_device_peak(monkeypatch):
   assert ceiling.rates(6e11, 2.0, 5e11, "float32")["mfu_datasheet"] is None
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; compiles the padded and packed steps
 def test_packing_rows(cheap_steps):
   argv = ["--only", "packing", "--size", "tiny", "--dtype", "float32", "--repeats", "1", "--warmup", "0",
           "--packing_vrpo_n", "2", "--packing_chunks", "1,2", "--packing_remat", "none"]
@@ -393,6 +395,7 @@ def test_packing_rows(cheap_steps):
   assert "useful tok/s" in core.format_table("packing", results)
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; compiles six steps
 def test_lora_rows(cheap_steps):
   # SFT only: the VRPO step with adapters is the training tests' (test_lora.py); here, the section's rows.
   argv = ["--only", "lora", "--size", "tiny", "--dtype", "float32", "--repeats", "1", "--warmup", "0",

@@ -8,6 +8,7 @@ import pytest
 from llada_jax.recipes import demo
 
 
+@pytest.mark.slow  # about 150 s on 2 cores; .ci/wheel_check runs the smoke chain from the installed wheel
 def test_smoke_chain_runs_end_to_end_and_resumes(tmp_path):
   summary = demo.run_demo(tmp_path, demo.SMOKE)
   for name in ("sft", "vrpo", "naive_dpo"):

@@ -29,7 +29,7 @@ def dropout_model(rate=RATE, scan=False, seed=0):
 ROW_KEYS = jax.random.split(jax.random.key(5), 2)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_no_keys_or_rate_zero_is_the_deterministic_forward(scan):
   cfg, params = dropout_model(scan=scan)
   plain = M.logits_fn(cfg.replace(lora_dropout=0.0))

@@ -90,6 +90,7 @@ def _patched(module, **attrs):
       setattr(module, k, v)
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; a resume on a fake bucket
 def test_gs_workdir_data_and_tokenizer_resume_like_a_local_run(corpus, tmp_path, monkeypatch):
   bucket = tmp_path / "gcs" / BUCKET
   (bucket / "data").mkdir(parents=True)

@@ -218,7 +218,7 @@ def test_packed_elbos_and_scores_per_pair_equal_unpacked(pairs):
   del score
 
 
-CHUNK_CASES = [(4, False, "packed"), (2, True, "unpacked"), (2, True, "precomputed"),
+CHUNK_CASES = [pytest.param(4, False, "packed", marks=pytest.mark.slow), (2, True, "unpacked"), (2, True, "precomputed"),
                pytest.param(4, True, "packed", marks=pytest.mark.slow)]
 
 

@@ -121,6 +121,7 @@ def _leaves_close(a, b, rel=1e-5):
     assert float(np.abs(x - y).max()) <= rel * scale, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; four training steps compiled twice
 def test_precomputed_steps_equal_online_steps(setup):
   table = setup.table()
   online_step, pre_step = setup.step_fn(setup.online), setup.step_fn(setup.precomputed)

@@ -68,7 +68,9 @@ def one_step(config, mesh_config, devices, batch, grad_accum_steps=1):
   return new_state, jax.device_get(metrics), init_params
 
 
-@pytest.mark.parametrize("objective", ["pretrain", "sft", "vrpo", "naive_dpo"])
+# naive DPO runs the VRPO code with another budget, pretraining the SFT step's path: slow by default.
+@pytest.mark.parametrize("objective", [pytest.param("pretrain", marks=pytest.mark.slow), "sft", "vrpo",
+                                       pytest.param("naive_dpo", marks=pytest.mark.slow)])
 def test_sharded_step_matches_unsharded(corpus, tmp_path, objective):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
   config = train_fixtures.make_config(corpus, tmp_path, objective)
@@ -95,6 +97,7 @@ def test_sharded_step_matches_unsharded(corpus, tmp_path, objective):
   assert len(moments) == 2 and all(m.sharding.spec == P("fsdp", "tensor", None) for m in moments)
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; tests/test_packed_training.py covers micro-batches by default
 def test_gradient_accumulation_equals_full_batch_for_vrpo(corpus, tmp_path):
   config = train_fixtures.make_config(corpus, tmp_path, "vrpo")
   batch = synthetic_batch("vrpo", config.model.vocab_size)
@@ -132,7 +135,7 @@ def _final_params(workdir, config):
   return ckpt_lib.load_params(f"{workdir}/checkpoints", model_lib.abstract_params(model_cfg))
 
 
-@pytest.mark.parametrize("objective", ["pretrain", "sft"])
+@pytest.mark.parametrize("objective", ["pretrain", pytest.param("sft", marks=pytest.mark.slow)])
 def test_resume_gives_the_same_parameters(corpus, tmp_path, objective):
   straight = train_fixtures.make_config(corpus, tmp_path / "straight", objective)
   result = loop.run(straight)
@@ -157,6 +160,7 @@ def test_resume_gives_the_same_parameters(corpus, tmp_path, objective):
   np.testing.assert_allclose([r["loss"] for r in lines if "loss" in r], losses, rtol=1e-6)
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; the demo smoke chain runs SFT -> VRPO by default
 def test_vrpo_from_an_sft_checkpoint(corpus, tmp_path):
   sft = train_fixtures.make_config(corpus, tmp_path / "sft", "sft", total_steps=3)
   loop.run(sft)

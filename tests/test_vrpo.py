@@ -205,6 +205,7 @@ def test_variance_diagnostics_identical_reference(batch, reference_params):
     V.variance_diagnostics(LOSS, params, params, [batch], jax.random.key(5), n_repeats=1)
 
 
+@pytest.mark.slow  # over 40 s on 2 cores; the diagnostics run by default in the test above
 def test_variance_diagnostics_pooled_estimates_match_the_batch_means(batch, reference_params, policy_params):
   """Loss and gradient variances from per-pair variances estimate those of the batch means themselves.
 
