@@ -32,6 +32,7 @@ import os
 from llada_jax.data.errors import DataError
 from llada_jax.data.readers import get_string
 from llada_jax.data.tokenizer import CHAT_ROLES
+
 _MESSAGE = "{\"role\", \"content\"} objects"
 
 
