@@ -30,6 +30,21 @@ def np_log_softmax(logits):
 
 
 @contextlib.contextmanager
+def cheap_train_steps():
+  """Unoptimised codegen for the bench's timed train steps: compilation dominates at the tiny size."""
+  from llada_jax.bench import train_step  # noqa: PLC0415
+
+  if jax.default_backend() != "cpu":
+    yield
+    return
+  import pytest  # noqa: PLC0415
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train_step, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    yield
+
+
+@contextlib.contextmanager
 def fail_if_blocked(seconds: int):
   """A reader that opens a FIFO waits forever for a writer: inside the block, fail after `seconds`."""
 

@@ -16,6 +16,7 @@ from llada_jax.bench import ceiling, core, elbo, lora, packing, sizes, train_ste
 from llada_jax.bench import data as data_section
 from llada_jax.bench import sampling as sampling_section
 from llada_jax.data import demo_task, tokenizer as tokenizer_lib
+from tests import helpers
 
 # Small enough that compilation dominates; two blocks, so cached variants have 2 full passes.
 SIZES = ["--prompt_length", "8", "--gen_length", "8", "--block_length", "4", "--steps", "8"]
@@ -213,12 +214,7 @@ STEP_FLAGS = ["--size", "tiny", "--dtype", "float32", "--matmul_size", "128", "-
 
 @pytest.fixture(scope="module")
 def cheap_steps():
-  """Unoptimised codegen for the timed train steps: compilation dominates at the tiny size."""
-  if jax.default_backend() != "cpu":
-    yield
-    return
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_step, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+  with helpers.cheap_train_steps():
     yield
 
 

@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 
 from llada_jax import model as model_lib  # noqa: E402
 from llada_jax.bench import __main__ as bench_cli  # noqa: E402
-from llada_jax.bench import core, torch_model, train_step  # noqa: E402
+from llada_jax.bench import core, torch_model  # noqa: E402
 from llada_jax.bench import torch_baseline  # noqa: E402
+from tests import helpers  # noqa: E402
 
 
 def _tiny(**overrides) -> model_lib.ModelConfig:
@@ -62,12 +63,7 @@ def test_torch_step_lowers_the_loss_on_a_fixed_batch():
 
 @pytest.fixture
 def cheap_steps():
-  """Unoptimised codegen for the JAX step: compilation dominates at the tiny size."""
-  if jax.default_backend() != "cpu":
-    yield
-    return
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_step, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+  with helpers.cheap_train_steps():
     yield
 
 
