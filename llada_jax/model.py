@@ -277,14 +277,18 @@ def _xla_attention(q_bthd, k_bskd, v_bskd, mask, scale):
   """Grouped-query attention with the softmax in float32."""
   b, t, h, d = q_bthd.shape
   kv = k_bskd.shape[2]
-  q = q_bthd.reshape(b, t, kv, h // kv, d)
-  scores = contract("btkgd,bskd->bkgts", q, k_bskd, jnp.float32) * scale
+  # Heads are moved ahead of the sequence once, so both products are plain batched matmuls over
+  # (batch, kv head, group). Contracting the [b, t, h, d] layout directly made XLA:CPU copy
+  # operands into that form inside each product and its two gradients (docs/benchmarks.md).
+  q = q_bthd.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
+  k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+  scores = contract("bkgtd,bksd->bkgts", q, k, jnp.float32) * scale
   if mask is not None:
     # A large finite negative keeps fully masked (padding) query rows finite.
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-  out = contract("bkgts,bskd->btkgd", probs, v_bskd, v_bskd.dtype)
-  return out.reshape(b, t, h, d)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = contract("bkgts,bksd->bkgtd", probs, v, v.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _attend(cfg: ModelConfig, p: Mapping[str, Array], q, k, v, masks: AttentionMasks, drop=None) -> Array:
