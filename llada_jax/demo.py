@@ -1,4 +1,4 @@
-"""python -m llada_jax.demo [--workdir runs/demo] [--smoke] [--seeds 0,1,2]
+"""python -m llada_jax.demo [--workdir runs/demo] [--smoke] [--seeds 0,1,2] [--dtype auto]
 
 The LLaDA 1.5 recipe in miniature, offline on a CPU (`llada_jax.recipes.demo`): task, tokenizer,
 pretraining, SFT, preference pairs, VRPO and naive DPO, evaluation, Table 2 and the figures. Run
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from absl import app, flags, logging
 
-from llada_jax import cli, configs
+from llada_jax import cli
 from llada_jax.recipes import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A seconds-long version of the whole chain (for tests).")
 _SEEDS = flags.DEFINE_list("seeds", None, "Alignment seeds (default: the recipe's 0,1,2).")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype: float32, bfloat16, or auto (bfloat16 where its "
+                             "matmuls measure clearly faster than float32's; a workdir keeps its first choice).")
 
 
 def main(argv):
@@ -25,12 +26,12 @@ def main(argv):
   recipe = demo.SMOKE if _SMOKE.value else demo.FULL
   if _SEEDS.value:
     recipe = dataclasses.replace(recipe, seeds=tuple(int(s) for s in _SEEDS.value))
-  if not _SMOKE.value and jax.default_backend() == "cpu":
-    dtype = configs.load("demo_pretrain").model.dtype
-    warning = demo.slow_bfloat16_warning(dtype, demo.bfloat16_matmul_speedup())
-    if warning:
-      logging.warning("%s", warning)
-  summary = demo.run_demo(_WORKDIR.value, recipe)
+  try:
+    dtype, why = demo.choose_dtype(_DTYPE.value, _WORKDIR.value)
+    logging.info("demo: computing in %s (%s)", dtype, why)
+    summary = demo.run_demo(_WORKDIR.value, dataclasses.replace(recipe, dtype=dtype))
+  except cli.USER_ERRORS as e:
+    return cli.fail(e)
   print(demo.format_results(summary))
   print()
   print(demo.format_variance_table(summary["variance_table"]))

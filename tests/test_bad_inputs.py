@@ -179,3 +179,22 @@ def test_train_out_of_device_memory_is_one_line_with_a_hint(monkeypatch, capsys)
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory")
   assert "config.data.seq_len" in err[0] and "config.grad_accum_steps" in err[0] and "bfloat16" in err[0]
+
+
+DEMO_CASES = [
+    ("demo_unknown_dtype", None, ["--dtype=fp16"], r"--dtype=fp16: expected auto, float32 or bfloat16"),
+    ("demo_other_dtype", '{"dtype": "float32"}', ["--dtype=bfloat16"], r"compute in float32; expected --dtype=float32"),
+    ("demo_damaged_dtype_record", '{"dtype": 3', [], r"demo_dtype\.json: unreadable"),
+]
+
+
+@pytest.mark.parametrize("case", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
+def test_demo_bad_input(case, tmp_path):
+  _, record, args, pattern = case
+  workdir = tmp_path / "demo"
+  workdir.mkdir()
+  if record is not None:
+    (workdir / "demo_dtype.json").write_text(record)
+  before = _files(workdir)
+  assert_one_line_error(_run("llada_jax.demo", ["--smoke", f"--workdir={workdir}", *args], tmp_path), pattern)
+  assert _files(workdir) == before  # nothing started, nothing written

@@ -1,5 +1,6 @@
 """The whole demo chain, in its seconds-long smoke version, and its resumption."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -51,10 +52,53 @@ def test_paired_test_counts_disagreements_and_gives_the_exact_binomial_p_value()
     demo.paired_test([True], [True, False])
 
 
-def test_slow_bfloat16_warning():
-  assert demo.slow_bfloat16_warning("bfloat16", 1.6) is None
-  assert demo.slow_bfloat16_warning("float32", 0.5) is None  # a float32 recipe is not slowed
-  message = demo.slow_bfloat16_warning("bfloat16", 0.58)
-  assert "0.58x" in message and "llada_jax/configs/demo_common.py" in message and "docs/demo.md" in message
-  speedup = demo.bfloat16_matmul_speedup(n=64, repeats=2)  # measured, whatever the host
+@pytest.mark.parametrize("requested, speedup, dtype", [
+    ("auto", 1.6, "bfloat16"),  # native bfloat16 dot products
+    ("auto", 1.1, "float32"),  # not clearly faster
+    ("auto", 0.58, "float32"),  # AVX2-only: bfloat16 is the slower one
+    ("float32", 1.6, "float32"),
+    ("bfloat16", 0.58, "bfloat16"),
+])
+def test_choose_dtype_for_a_new_workdir(tmp_path, requested, speedup, dtype):
+  chosen, why = demo.choose_dtype(requested, tmp_path, measure=lambda: speedup)
+  assert chosen == dtype
+  assert (f"{speedup:.2f}x" in why) == (requested == "auto")
+
+
+def test_a_workdir_keeps_the_dtype_it_was_started_with(tmp_path):
+  demo._record_dtype(tmp_path, dataclasses.replace(demo.SMOKE, dtype="float32"))
+  assert json.loads((tmp_path / demo.DTYPE_FILE).read_text()) == {"dtype": "float32"}
+  never = lambda: pytest.fail("a workdir with runs is not measured again")  # noqa: E731
+  assert demo.choose_dtype("auto", tmp_path, measure=never)[0] == "float32"
+  assert demo.choose_dtype("float32", tmp_path, measure=never)[0] == "float32"
+  with pytest.raises(ValueError, match="compute in float32; expected --dtype=float32"):
+    demo.choose_dtype("bfloat16", tmp_path, measure=never)
+  with pytest.raises(ValueError, match="expected the same dtype to resume"):
+    demo._record_dtype(tmp_path, dataclasses.replace(demo.SMOKE, dtype="bfloat16"))
+  # A workdir from before the choice was recorded holds the recipe's dtype.
+  old = tmp_path / "old"
+  (old / "pretrain").mkdir(parents=True)
+  assert demo.read_dtype(old) == demo.configs.load("demo_pretrain").model.dtype
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "unreadable"),
+    ('{"precision": "float32"}', "unreadable"),
+    ('["float32"]', "unreadable"),
+    ('{"dtype": "float16"}', "dtype 'float16'; expected 'float32' or 'bfloat16'"),
+])
+def test_a_damaged_dtype_record_is_one_clear_error(tmp_path, content, message):
+  (tmp_path / demo.DTYPE_FILE).write_text(content)
+  with pytest.raises(ValueError, match=message) as e:
+    demo.choose_dtype("auto", tmp_path, measure=lambda: 1.0)
+  assert demo.DTYPE_FILE in str(e.value)
+
+
+def test_choose_dtype_refuses_an_unknown_dtype(tmp_path):
+  with pytest.raises(ValueError, match="--dtype=fp16: expected auto, float32 or bfloat16"):
+    demo.choose_dtype("fp16", tmp_path)
+
+
+def test_bfloat16_matmul_speedup_is_measured():
+  speedup = demo.bfloat16_matmul_speedup(n=64, repeats=2)  # whatever the host
   assert np.isfinite(speedup) and speedup > 0

@@ -305,8 +305,11 @@ def test_generation_benchmark_with_a_stub_sampler(tmp_path):
                       for i in range(5)]
 
   # No verifier: sampling only (candidate answers for the demo pipeline).
+  batches = []
   plain = gen.evaluate_generation(None, None, CharTokenizer(), [{"prompt": "q1"}], {"gen_length": 24},
-                                  jax.random.key(0), batch_size=4, sample_fn=stub_sampler(answers, []))
+                                  jax.random.key(0), batch_size=4, sample_fn=stub_sampler(answers, []),
+                                  on_batch=lambda done, total: batches.append((done, total)))
+  assert batches == [(1, 1)]  # examples scored, not the filled batch's rows
   assert plain["accuracy"] is None and plain["records"] == [{"prompt": "q1", "completion": "#### 1,000",
                                                              "correct": None}]
 

@@ -147,8 +147,11 @@ def test_resume_gives_the_same_parameters(corpus, tmp_path, objective):
   first = loop.run(resumed, stop_after=3, final_save=False)  # stops like a killed run after step 3's save
   assert first.final_step == 3
   assert ckpt_lib.CheckpointManager(f"{resumed.workdir}/checkpoints").all_steps() == [3]
-  second = loop.run(resumed)
+  reports = []
+  second = loop.run(resumed, on_progress=lambda step, total: reports.append((step, total)))
   assert second.final_step == 6
+  # The resumed start, then each log step (every 2 steps here), once the steps before it are done.
+  assert resumed.logging.every_steps == 2 and reports == [(3, 6), (4, 6), (6, 6)]
   chex.assert_trees_all_equal(_final_params(straight.workdir, straight), _final_params(resumed.workdir, resumed))
   # A run directory is enough to get the model back (config from the checkpoint's metadata).
   model_cfg, params, run_config = ckpt_lib.load_model(straight.workdir)

@@ -97,7 +97,7 @@ def evaluate_generation(params, model_cfg: ModelConfig, tokenizer: Tokenizer,
                         examples: Sequence[Mapping[str, Any]], sampler_config, key: jax.Array, *,
                         batch_size: int = 8, chat_template: bool = False, verifier: Verifier | None = None,
                         sample_fn: SampleFn | None = None, prompt_field: str = "prompt",
-                        placement=None) -> dict[str, Any]:
+                        placement=None, on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
   """Samples one completion per example and scores it with `verifier(example, completion_text)`.
 
   Returns {"accuracy" (None without a verifier), "n", "n_correct", "records"}, each record
@@ -105,7 +105,8 @@ def evaluate_generation(params, model_cfg: ModelConfig, tokenizer: Tokenizer,
   does not depend on the batch size; a short last batch is filled with copies of its last prompt
   so every call has the same shape. `sample_fn(params, model_cfg, prompt_ids, keys, sampler_config)`
   -> ids [B, gen_length] defaults to `sampling.sample_from_ids`, on `placement`'s mesh when given
-  (`llada_jax.placement`; a custom `sample_fn` places its own work).
+  (`llada_jax.placement`; a custom `sample_fn` places its own work). `on_batch(done, total)` is
+  called after each batch with the number of examples scored so far.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected a positive integer")
@@ -125,6 +126,8 @@ def evaluate_generation(params, model_cfg: ModelConfig, tokenizer: Tokenizer,
       completion = tokenizer.decode(completion_ids(tokenizer, row))
       correct = None if verifier is None else bool(verifier(ex, completion))
       records.append({"prompt": text, "completion": completion, "correct": correct})
+    if on_batch is not None:
+      on_batch(len(records), len(examples))
   n = len(records)
   n_correct = sum(bool(r["correct"]) for r in records)
   accuracy = None if verifier is None or n == 0 else n_correct / n

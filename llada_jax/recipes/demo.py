@@ -24,7 +24,7 @@ from absl import logging
 
 from llada_jax import configs
 from llada_jax.bench import timing
-from llada_jax.recipes import plots
+from llada_jax.recipes import plots, progress as progress_lib
 from llada_jax.storage import checkpoint as ckpt_lib, files
 from llada_jax.training import loop
 from llada_jax.data import demo_task
@@ -58,6 +58,7 @@ class Recipe:
   batch_overrides: tuple = ()  # (stage, global_batch_size)
   optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
   seq_len: int | None = None  # None: the config files' value
+  dtype: str | None = None  # compute dtype of every stage; None: the config files' value (`choose_dtype`)
   # Up to 32 answer tokens in two semi-autoregressive blocks, dual KV cache and confidence-
   # threshold decoding (as accurate as the exact sampler on the demo SFT model, several times faster).
   gen_length: int = 32
@@ -90,6 +91,8 @@ def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.P
     config.model[field] = value
   if recipe.seq_len is not None:
     config.data.seq_len = recipe.seq_len
+  if recipe.dtype is not None:
+    config.model.dtype = recipe.dtype
   for field, value in recipe.optimizer_overrides:
     config.optimizer[field] = value
   for stage, batch in recipe.batch_overrides:
@@ -99,9 +102,9 @@ def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.P
   return config
 
 
-def _train(config) -> pathlib.Path:
+def _train(config, on_progress=None) -> pathlib.Path:
   t = time.perf_counter()
-  result = loop.run(config)
+  result = loop.run(config, on_progress=on_progress)
   logging.info("%s: step %d in %.0f s", config.workdir, result.final_step, time.perf_counter() - t)
   return pathlib.Path(config.workdir)
 
@@ -111,7 +114,8 @@ def sampler_config(recipe: Recipe, temperature: float = 0.0) -> SamplerConfig:
                        temperature=temperature, cache=recipe.cache, threshold=recipe.threshold)
 
 
-def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, out_path: pathlib.Path) -> dict:
+def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, out_path: pathlib.Path,
+                           on_batch=None) -> dict:
   """Samples answers from the model, verifies them, and pairs a correct with an incorrect one.
 
   A prompt contributes up to `recipe.pairs_per_prompt` pairs, its i-th distinct correct sample (right
@@ -122,7 +126,7 @@ def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, ou
   repeated = [ex for ex in examples for _ in range(k)]
   out = generation.evaluate_generation(params, model_cfg, tokenizer, repeated,
                                        sampler_config(recipe, recipe.pair_temperature), key,
-                                       batch_size=recipe.eval_batch, verifier=demo_task.verify)
+                                       batch_size=recipe.eval_batch, verifier=demo_task.verify, on_batch=on_batch)
   pairs, solved = [], 0
   for i, ex in enumerate(examples):
     records = out["records"][i * k:(i + 1) * k]
@@ -144,7 +148,7 @@ def build_preference_pairs(run_dir, tokenizer, examples, recipe: Recipe, key, ou
           "prompts_with_a_correct_sample": solved, "pairs": len(pairs)}
 
 
-def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib.Path) -> dict:
+def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib.Path, on_batch=None) -> dict:
   if out_path.exists():
     cached = json.loads(out_path.read_text())
     if "correct" in cached:  # older results lack the per-problem list the paired tests need
@@ -153,7 +157,7 @@ def evaluate_run(run_dir, tokenizer, examples, recipe: Recipe, out_path: pathlib
   t = time.perf_counter()
   out = generation.evaluate_generation(params, model_cfg, tokenizer, examples, sampler_config(recipe),
                                        jax.random.key(0), batch_size=recipe.eval_batch,
-                                       verifier=demo_task.verify)
+                                       verifier=demo_task.verify, on_batch=on_batch)
   result = {"accuracy": out["accuracy"], "n": out["n"], "seconds": time.perf_counter() - t,
             "steps_valid": float(np.mean([demo_task.verify_steps(r["completion"]) for r in out["records"]])),
             "correct": [r["correct"] for r in out["records"]],  # per test problem, for paired tests
@@ -187,12 +191,12 @@ PAPER_TABLE2 = {  # score / loss / gradient variance, LLaDA 8B (docs/method.md, 
 
 
 def variance_table(workdir, recipe: Recipe, *, policy: str, reference: str = "sft", n_pairs: int = 128,
-                   batch_size: int = 16, n_repeats: int = 8) -> list[dict]:
+                   batch_size: int = 16, n_repeats: int = 8, on_setting=None) -> list[dict]:
   """Paper Table 2 on the demo model: score, loss and gradient variance per sampling setting.
 
   The policy is an aligned model and the reference the SFT model, as in the paper; `n_pairs`
   preference pairs in batches of `batch_size`, each evaluated `n_repeats` times with fresh
-  timesteps and masks.
+  timesteps and masks. `on_setting(done)` is called after each sampling setting.
   """
   from llada_jax import model as model_lib, vrpo  # noqa: PLC0415
   from llada_jax.data import pipelines  # noqa: PLC0415
@@ -221,6 +225,8 @@ def variance_table(workdir, recipe: Recipe, *, policy: str, reference: str = "sf
                   "paper": dict(zip(("score_variance", "loss_variance", "gradient_variance"),
                                     PAPER_TABLE2[(n_t, n_yt, antithetic)]))})
     logging.info("Table 2 %s: %s", (n_t, n_yt, antithetic), out)
+    if on_setting is not None:
+      on_setting(len(table))
   return table
 
 
@@ -235,20 +241,68 @@ def format_variance_table(table: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_demo(workdir, recipe: Recipe = FULL) -> dict:
+# Seconds per unit of each kind of stage on a native-bfloat16 2-core host (docs/demo.md, "Timings"):
+# the priors of the time-left estimate, rescaled by the speed measured on the host as the chain runs.
+PRIOR_SECONDS = {"data": 10.0, "pretrain": 0.44, "sft": 0.43, "pairs": 0.0135, "eval": 0.015, "vrpo": 3.1,
+                 "naive_dpo": 1.5, "table2": 23.0}
+
+
+def _steps(recipe: Recipe, name: str, arg: str | None, steps: int | None) -> int:
+  return steps if steps is not None else configs.load(f"demo_{name}" + (f":{arg}" if arg else "")).total_steps
+
+
+def plan(recipe: Recipe) -> list[progress_lib.Stage]:
+  """The chain's stages in the order `run_demo` runs them, with their sizes and prior costs."""
+  stages = [progress_lib.Stage("data", 1, "stage", PRIOR_SECONDS["data"]),
+            progress_lib.Stage("pretrain", _steps(recipe, "pretrain", None, recipe.pretrain_steps), "step",
+                               PRIOR_SECONDS["pretrain"]),
+            progress_lib.Stage("sft", _steps(recipe, "sft", None, recipe.sft_steps), "step", PRIOR_SECONDS["sft"]),
+            progress_lib.Stage("pairs", recipe.pref_prompts * recipe.samples_per_prompt, "sample",
+                               PRIOR_SECONDS["pairs"]),
+            progress_lib.Stage("eval_sft", recipe.n_test, "problem", PRIOR_SECONDS["eval"])]
+  for seed in recipe.seeds:
+    for variant in ("vrpo", "naive_dpo"):
+      stages += [progress_lib.Stage(f"{variant}_seed{seed}", _steps(recipe, "vrpo", variant, recipe.vrpo_steps),
+                                    "step", PRIOR_SECONDS[variant]),
+                 progress_lib.Stage(f"eval_{variant}_seed{seed}", recipe.n_test, "problem", PRIOR_SECONDS["eval"])]
+  stages.append(progress_lib.Stage("table2", len(TABLE2_SETTINGS), "setting", PRIOR_SECONDS["table2"]))
+  return stages
+
+
+def _record_dtype(workdir: pathlib.Path, recipe: Recipe) -> None:
+  """Keeps the compute dtype a workdir's runs were trained in: resuming in another would mix models."""
+  path = workdir / DTYPE_FILE
+  dtype = recipe.dtype or configs.load("demo_pretrain").model.dtype
+  stored = read_dtype(workdir)
+  if stored is not None and stored != dtype:
+    raise ValueError(f"{path}: the runs in {workdir} compute in {stored}; expected the same dtype to resume "
+                     f"(got {dtype}): pass --dtype {stored} or use a new --workdir")
+  if stored is None:
+    files.write_json_atomic(path, {"dtype": dtype})
+
+
+def run_demo(workdir, recipe: Recipe = FULL, emit=None) -> dict:
+  """Runs (or resumes) the chain in `workdir`; `emit(line)` gets the progress lines (default: the log)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  _record_dtype(workdir, recipe)
+  progress = progress_lib.ChainProgress(plan(recipe), emit=emit or (lambda line: logging.info("demo %s", line)))
   timings = {}
   t0 = time.perf_counter()
 
   data_dir = workdir / "data"
-  if not (data_dir / "test.jsonl").exists():
-    demo_task.write_task(data_dir, train=recipe.n_train, validation=recipe.n_validation, test=recipe.n_test,
-                         level=recipe.level)
   tok_path = workdir / "tokenizer.model"
-  if not tok_path.exists():
-    tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size,
-                                overwrite=True)  # no .model: a .vocab left beside it is stale
+  if (data_dir / "test.jsonl").exists() and tok_path.exists():
+    progress.skip("data")
+  else:
+    progress.begin("data")
+    if not (data_dir / "test.jsonl").exists():
+      demo_task.write_task(data_dir, train=recipe.n_train, validation=recipe.n_validation, test=recipe.n_test,
+                           level=recipe.level)
+    if not tok_path.exists():
+      tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size,
+                                  overwrite=True)  # no .model: a .vocab left beside it is stale
+    progress.end("data")
   tokenizer = tok_lib.load_tokenizer(tok_path)
   timings["data"] = time.perf_counter() - t0
 
@@ -257,9 +311,21 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
     config = _stage_config(recipe, name, arg, workdir / run_name, files, str(tok_path), steps, seed)
     if init_from is not None:
       config.checkpoint.init_from = str(workdir / init_from / "checkpoints")
-    out = _train(config)
+    out = _train(config, on_progress=lambda done, total: progress.update(run_name, done))
+    progress.end(run_name)
     timings[run_name] = time.perf_counter() - t
     return out
+
+  def evaluate(run_name):
+    out_path = workdir / run_name / "test_eval.json"
+    if out_path.exists():
+      progress.skip(f"eval_{run_name}")
+    else:
+      progress.begin(f"eval_{run_name}")
+    result = evaluate_run(workdir / run_name, tokenizer, test, recipe, out_path,
+                          on_batch=lambda done, total: progress.update(f"eval_{run_name}", done))
+    progress.end(f"eval_{run_name}")
+    return result
 
   stage("pretrain", None, "pretrain", [data_dir / "pretrain.txt"], recipe.pretrain_steps)
   stage("sft", None, "sft", [data_dir / "train.jsonl"], recipe.sft_steps, init_from="pretrain")
@@ -267,33 +333,42 @@ def run_demo(workdir, recipe: Recipe = FULL) -> dict:
   test = demo_task.read_jsonl(data_dir / "test.jsonl")
   pairs_path = workdir / "preferences.jsonl"
   t = time.perf_counter()
-  if not pairs_path.exists():
+  if pairs_path.exists():
+    progress.skip("pairs")
+  else:
+    progress.begin("pairs")
     prompts = demo_task.read_jsonl(data_dir / "train.jsonl")
     rng = random.Random(1234)
     chosen = rng.sample(prompts, min(recipe.pref_prompts, len(prompts)))
-    stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path)
+    stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path,
+                                   on_batch=lambda done, total: progress.update("pairs", done))
     files.write_json_atomic(workdir / "preferences.stats.json", stats)
+    progress.end("pairs")
   timings["preferences"] = time.perf_counter() - t
 
-  results = {"sft": [evaluate_run(workdir / "sft", tokenizer, test, recipe, workdir / "sft" / "test_eval.json")]}
+  results = {"sft": [evaluate("sft")]}
   for seed in recipe.seeds:
     for variant in ("vrpo", "naive_dpo"):
       run_name = f"{variant}_seed{seed}"
       stage("vrpo", variant, run_name, [pairs_path], recipe.vrpo_steps, seed=seed, init_from="sft")
       t = time.perf_counter()
-      results.setdefault(variant, []).append(
-          evaluate_run(workdir / run_name, tokenizer, test, recipe, workdir / run_name / "test_eval.json"))
+      results.setdefault(variant, []).append(evaluate(run_name))
       timings[f"eval_{run_name}"] = time.perf_counter() - t
   t = time.perf_counter()
   table_path = workdir / "variance_table.json"
-  if not table_path.exists():
-    table = variance_table(workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2))
+  if table_path.exists():
+    progress.skip("table2")
+  else:
+    progress.begin("table2")
+    table = variance_table(workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2),
+                           on_setting=lambda done: progress.update("table2", done))
     files.write_json_atomic(table_path, table)
   table = json.loads(table_path.read_text())
   plots.variance_table(table, workdir / "variance_table.png")
   runs = {name: workdir / name / "metrics.jsonl" for name in
           ["pretrain", "sft"] + [f"{v}_seed{recipe.seeds[0]}" for v in ("vrpo", "naive_dpo")]}
   plots.training_curves(runs, workdir / "training_curves.png")
+  progress.end("table2")
   timings["variance_table"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - t0
 
@@ -319,13 +394,45 @@ def bfloat16_matmul_speedup(n: int = 1024, repeats: int = 5) -> float:
   return float(np.median(f32) / np.median(bf16))
 
 
-def slow_bfloat16_warning(dtype: str, speedup: float) -> str | None:
-  """What to tell a user whose device computes the recipe's bfloat16 matmuls slower than float32."""
-  if dtype != "bfloat16" or speedup >= 1.0:
-    return None
-  return (f"bfloat16 matmuls run at {speedup:.2f}x the float32 speed here (no native bfloat16 dot products): "
-          "the recipe computes in bfloat16 (llada_jax/configs/demo_common.py), so it runs several times slower "
-          "than on CPUs with them (timings by host: docs/demo.md)")
+DTYPE_FILE = "demo_dtype.json"
+# bfloat16 rounds every matmul input; it is chosen only where it is clearly faster. Measured 1024^3
+# speedups: 1.6x on CPUs with native bfloat16 dot products, 0.58-0.65x on AVX2 / AVX-512 CPUs without.
+BFLOAT16_MIN_SPEEDUP = 1.2
+
+
+def read_dtype(workdir) -> str | None:
+  """The compute dtype of the runs in `workdir`, or None for a new workdir."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / DTYPE_FILE
+  if path.exists():
+    try:
+      dtype = json.loads(path.read_text())["dtype"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}: unreadable ({e}); expected {{\"dtype\": \"float32\" or \"bfloat16\"}}") from None
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"{path}: dtype {dtype!r}; expected 'float32' or 'bfloat16'")
+    return dtype
+  if (workdir / "pretrain").exists():  # a workdir from before the choice was recorded: the recipe's dtype
+    return configs.load("demo_pretrain").model.dtype
+  return None
+
+
+def choose_dtype(requested: str, workdir, measure=None) -> tuple[str, str]:
+  """The compute dtype for a demo in `workdir` and why: the workdir's own if it has runs, else
+  `requested`, where "auto" measures the bfloat16 matmul speedup (`measure()`) on this device."""
+  if requested not in ("auto", "float32", "bfloat16"):
+    raise ValueError(f"--dtype={requested}: expected auto, float32 or bfloat16")
+  stored = read_dtype(workdir)
+  if stored is not None:
+    if requested not in ("auto", stored):
+      raise ValueError(f"--dtype={requested}: the runs in {workdir} compute in {stored}; expected --dtype={stored} "
+                       "or auto to resume them, or a new --workdir")
+    return stored, f"the dtype of the runs already in {workdir}"
+  if requested != "auto":
+    return requested, "--dtype"
+  speedup = (measure or bfloat16_matmul_speedup)()
+  dtype = "bfloat16" if speedup >= BFLOAT16_MIN_SPEEDUP else "float32"
+  return dtype, f"bfloat16 matmuls run at {speedup:.2f}x the float32 speed here (bfloat16 from {BFLOAT16_MIN_SPEEDUP}x)"
 
 
 def format_results(summary: dict) -> str:

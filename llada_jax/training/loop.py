@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -195,12 +195,14 @@ def _reference(config, program, root_key):
 
 
 def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: int | None = None,
-        final_save: bool = True) -> RunResult:
+        final_save: bool = True, on_progress: Callable[[int, int], None] | None = None) -> RunResult:
   """Trains until config.total_steps; resumable. The workdir is locked for the run: a second run
   in it is refused (`storage.lock`).
 
   `stop_after` ends this call after that many steps and `final_save=False` skips the closing
   checkpoint: together they stand in for a run killed right after an interval checkpoint.
+  `on_progress(step, total_steps)` is called at the start and at each log step, when the steps
+  before it have finished (not merely been dispatched).
   """
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)  # before anything asks JAX for devices
@@ -208,7 +210,8 @@ def run(config: ml_collections.ConfigDict, *, data_iterator=None, stop_after: in
   if lock is not None:
     lock.acquire()
   try:
-    return _train(config, data_iterator=data_iterator, stop_after=stop_after, final_save=final_save)
+    return _train(config, data_iterator=data_iterator, stop_after=stop_after, final_save=final_save,
+                  on_progress=on_progress)
   finally:
     if lock is not None:
       lock.release()
@@ -223,7 +226,7 @@ def _check_weight_sources(config) -> None:
                               "checkpoints/ directory (or its workdir)")
 
 
-def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
+def _train(config, *, data_iterator, stop_after, final_save, on_progress) -> RunResult:
   _check_weight_sources(config)
   program = build_lib.build(config)
   pipeline = None
@@ -250,6 +253,8 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
   progress = _progress_bar(config, start, end)
   log = _MetricLog(writer, program, start)
   preempted, evaluated = False, None
+  if on_progress is not None:
+    on_progress(start, config.total_steps)
   try:
     for step in range(start, end):
       try:
@@ -273,6 +278,8 @@ def _train(config, *, data_iterator, stop_after, final_save) -> RunResult:
         _check_nonfinite(state, config, done, manager)
         if progress is not None and rows:
           progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+        if on_progress is not None:
+          on_progress(done, config.total_steps)
       if evaluator is not None and done % evaluator.settings.every_steps == 0:
         evaluated = _evaluate(evaluator, state, reference_params, done, writer, log)
       if watcher.should_stop(done):
