@@ -11,7 +11,13 @@ from llada_jax.recipes import demo
 
 @pytest.mark.slow  # about 150 s on 2 cores; .ci/wheel_check runs the smoke chain from the installed wheel
 def test_smoke_chain_runs_end_to_end_and_resumes(tmp_path):
-  summary = demo.run_demo(tmp_path, demo.SMOKE)
+  lines = []
+  summary = demo.run_demo(tmp_path, demo.SMOKE, emit=lines.append)
+  # Progress lines name each stage in order, its units and the time left for the whole chain.
+  stages = [s.name for s in demo.plan(demo.SMOKE)]
+  shown = list(dict.fromkeys(line.split("]")[0].split(" ", 1)[1] for line in lines))
+  assert shown == stages, shown
+  assert lines[-1].startswith(f"[{len(stages)}/{len(stages)} table2] setting 6/6;") and "left in all" in lines[-1]
   for name in ("sft", "vrpo", "naive_dpo"):
     acc = summary["test_accuracy"][name]
     assert len(acc["per_seed"]) == (1 if name == "sft" else len(demo.SMOKE.seeds))
@@ -28,8 +34,11 @@ def test_smoke_chain_runs_end_to_end_and_resumes(tmp_path):
     assert (tmp_path / stage / "checkpoints").is_dir()
 
   # Everything is on disk: a second run skips or resumes every stage and reports the same.
-  again = demo.run_demo(tmp_path, demo.SMOKE)
+  lines.clear()
+  again = demo.run_demo(tmp_path, demo.SMOKE, emit=lines.append)
   assert again["test_accuracy"] == summary["test_accuracy"]
+  # Only the training stages report (each found at its last step); nothing is left.
+  assert all(" step " in line for line in lines) and lines[-1].endswith("about 0s left in all"), lines
   assert again["seconds"]["total"] < summary["seconds"]["total"]
   paired = summary["paired_vs_sft"]
   assert sorted(paired) == ["naive_dpo_seed0", "vrpo_seed0"]

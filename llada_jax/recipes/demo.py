@@ -281,28 +281,68 @@ def _record_dtype(workdir: pathlib.Path, recipe: Recipe) -> None:
     files.write_json_atomic(path, {"dtype": dtype})
 
 
+def _tracked(progress, name: str, done: bool, work) -> None:
+  """Runs `work(report)` unless `done`; `report(units_done, ...)` reports its progress."""
+  if done:
+    progress.skip(name)
+    return
+  progress.begin(name)
+  work(lambda units, *_: progress.update(name, units))
+  progress.end(name)
+
+
+def _stage_outputs(workdir: pathlib.Path, recipe: Recipe) -> dict:
+  """What each stage that is not training writes: with all of it on disk, the stage is done."""
+  outputs = {"data": [workdir / "data" / "test.jsonl", workdir / "tokenizer.model"],
+             "pairs": [workdir / "preferences.jsonl"], "eval_sft": [workdir / "sft" / "test_eval.json"],
+             "table2": [workdir / "variance_table.json"]}
+  for seed in recipe.seeds:
+    for variant in ("vrpo", "naive_dpo"):
+      outputs[f"eval_{variant}_seed{seed}"] = [workdir / f"{variant}_seed{seed}" / "test_eval.json"]
+  return outputs
+
+
+def _prepare_data(workdir: pathlib.Path, recipe: Recipe, report) -> None:
+  data_dir = workdir / "data"
+  if not (data_dir / "test.jsonl").exists():
+    demo_task.write_task(data_dir, train=recipe.n_train, validation=recipe.n_validation, test=recipe.n_test,
+                         level=recipe.level)
+  if not (workdir / "tokenizer.model").exists():
+    tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size,
+                                overwrite=True)  # no .model: a .vocab left beside it is stale
+  report(1)
+
+
+def _summary(recipe: Recipe, workdir: pathlib.Path, results: dict, table: list, timings: dict) -> dict:
+  return {
+      "test_accuracy": {k: {"mean": float(np.mean([r["accuracy"] for r in v])),
+                            "std": float(np.std([r["accuracy"] for r in v])),
+                            "per_seed": [r["accuracy"] for r in v]} for k, v in results.items()},
+      # Each aligned model against the SFT model on the same test problems.
+      "paired_vs_sft": {f"{k}_seed{seed}": paired_test(results["sft"][0]["correct"], r["correct"])
+                        for k in ("vrpo", "naive_dpo") for seed, r in zip(recipe.seeds, results[k])},
+      "preferences": json.loads((workdir / "preferences.stats.json").read_text()),
+      "variance_table": [{k: v for k, v in r.items()} for r in table],
+      "seconds": timings,
+  }
+
+
 def run_demo(workdir, recipe: Recipe = FULL, emit=None) -> dict:
   """Runs (or resumes) the chain in `workdir`; `emit(line)` gets the progress lines (default: the log)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _record_dtype(workdir, recipe)
   progress = progress_lib.ChainProgress(plan(recipe), emit=emit or (lambda line: logging.info("demo %s", line)))
+  outputs = _stage_outputs(workdir, recipe)
+  finished = lambda name: all(p.exists() for p in outputs[name])  # noqa: E731
+  for name in outputs:  # a resumed chain: what is on disk is left out of the time-left estimate
+    if finished(name):
+      progress.skip(name)
   timings = {}
   t0 = time.perf_counter()
 
-  data_dir = workdir / "data"
-  tok_path = workdir / "tokenizer.model"
-  if (data_dir / "test.jsonl").exists() and tok_path.exists():
-    progress.skip("data")
-  else:
-    progress.begin("data")
-    if not (data_dir / "test.jsonl").exists():
-      demo_task.write_task(data_dir, train=recipe.n_train, validation=recipe.n_validation, test=recipe.n_test,
-                           level=recipe.level)
-    if not tok_path.exists():
-      tok_lib.train_sentencepiece([data_dir / "pretrain.txt"], workdir / "tokenizer", vocab_size=recipe.vocab_size,
-                                  overwrite=True)  # no .model: a .vocab left beside it is stale
-    progress.end("data")
+  data_dir, tok_path = workdir / "data", workdir / "tokenizer.model"
+  _tracked(progress, "data", finished("data"), lambda report: _prepare_data(workdir, recipe, report))
   tokenizer = tok_lib.load_tokenizer(tok_path)
   timings["data"] = time.perf_counter() - t0
 
@@ -317,33 +357,25 @@ def run_demo(workdir, recipe: Recipe = FULL, emit=None) -> dict:
     return out
 
   def evaluate(run_name):
-    out_path = workdir / run_name / "test_eval.json"
-    if out_path.exists():
-      progress.skip(f"eval_{run_name}")
-    else:
-      progress.begin(f"eval_{run_name}")
-    result = evaluate_run(workdir / run_name, tokenizer, test, recipe, out_path,
-                          on_batch=lambda done, total: progress.update(f"eval_{run_name}", done))
-    progress.end(f"eval_{run_name}")
-    return result
+    t, out_path = time.perf_counter(), workdir / run_name / "test_eval.json"
+    _tracked(progress, f"eval_{run_name}", finished(f"eval_{run_name}"),
+             lambda report: evaluate_run(workdir / run_name, tokenizer, test, recipe, out_path, on_batch=report))
+    timings[f"eval_{run_name}"] = time.perf_counter() - t
+    return evaluate_run(workdir / run_name, tokenizer, test, recipe, out_path)  # read back
+
+  def make_pairs(report):
+    prompts = demo_task.read_jsonl(data_dir / "train.jsonl")
+    chosen = random.Random(1234).sample(prompts, min(recipe.pref_prompts, len(prompts)))
+    stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path,
+                                   on_batch=report)
+    files.write_json_atomic(workdir / "preferences.stats.json", stats)
 
   stage("pretrain", None, "pretrain", [data_dir / "pretrain.txt"], recipe.pretrain_steps)
   stage("sft", None, "sft", [data_dir / "train.jsonl"], recipe.sft_steps, init_from="pretrain")
-
   test = demo_task.read_jsonl(data_dir / "test.jsonl")
   pairs_path = workdir / "preferences.jsonl"
   t = time.perf_counter()
-  if pairs_path.exists():
-    progress.skip("pairs")
-  else:
-    progress.begin("pairs")
-    prompts = demo_task.read_jsonl(data_dir / "train.jsonl")
-    rng = random.Random(1234)
-    chosen = rng.sample(prompts, min(recipe.pref_prompts, len(prompts)))
-    stats = build_preference_pairs(workdir / "sft", tokenizer, chosen, recipe, jax.random.key(7), pairs_path,
-                                   on_batch=lambda done, total: progress.update("pairs", done))
-    files.write_json_atomic(workdir / "preferences.stats.json", stats)
-    progress.end("pairs")
+  _tracked(progress, "pairs", finished("pairs"), make_pairs)
   timings["preferences"] = time.perf_counter() - t
 
   results = {"sft": [evaluate("sft")]}
@@ -351,38 +383,19 @@ def run_demo(workdir, recipe: Recipe = FULL, emit=None) -> dict:
     for variant in ("vrpo", "naive_dpo"):
       run_name = f"{variant}_seed{seed}"
       stage("vrpo", variant, run_name, [pairs_path], recipe.vrpo_steps, seed=seed, init_from="sft")
-      t = time.perf_counter()
       results.setdefault(variant, []).append(evaluate(run_name))
-      timings[f"eval_{run_name}"] = time.perf_counter() - t
   t = time.perf_counter()
   table_path = workdir / "variance_table.json"
-  if table_path.exists():
-    progress.skip("table2")
-  else:
-    progress.begin("table2")
-    table = variance_table(workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2),
-                           on_setting=lambda done: progress.update("table2", done))
-    files.write_json_atomic(table_path, table)
+  _tracked(progress, "table2", finished("table2"), lambda report: files.write_json_atomic(table_path, variance_table(
+      workdir, recipe, policy=f"vrpo_seed{recipe.seeds[0]}", **dict(recipe.table2), on_setting=report)))
   table = json.loads(table_path.read_text())
   plots.variance_table(table, workdir / "variance_table.png")
   runs = {name: workdir / name / "metrics.jsonl" for name in
           ["pretrain", "sft"] + [f"{v}_seed{recipe.seeds[0]}" for v in ("vrpo", "naive_dpo")]}
   plots.training_curves(runs, workdir / "training_curves.png")
-  progress.end("table2")
   timings["variance_table"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - t0
-
-  summary = {
-      "test_accuracy": {k: {"mean": float(np.mean([r["accuracy"] for r in v])),
-                            "std": float(np.std([r["accuracy"] for r in v])),
-                            "per_seed": [r["accuracy"] for r in v]} for k, v in results.items()},
-      # Each aligned model against the SFT model on the same test problems.
-      "paired_vs_sft": {f"{k}_seed{seed}": paired_test(results["sft"][0]["correct"], r["correct"])
-                        for k in ("vrpo", "naive_dpo") for seed, r in zip(recipe.seeds, results[k])},
-      "preferences": json.loads((workdir / "preferences.stats.json").read_text()),
-      "variance_table": [{k: v for k, v in r.items()} for r in table],
-      "seconds": timings,
-  }
+  summary = _summary(recipe, workdir, results, table, timings)
   files.write_json_atomic(workdir / "results.json", summary)
   return summary
 

@@ -15,6 +15,9 @@ import time
 from typing import Callable, Sequence
 
 
+PSEUDO_SECONDS = 30.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
@@ -106,10 +109,11 @@ class ChainProgress:
     d.finished = True
 
   def speed_factor(self) -> float:
-    """Measured over prior seconds of the units timed so far (1 before any)."""
+    """Measured over prior seconds of the units timed so far, shrunk towards 1 by `PSEUDO_SECONDS`
+    of prior work: a few seconds of a small stage (writing the data) say little about the host."""
     measured = sum(d.seconds for d in self.done.values())
     prior = sum(d.units * self.stages[n].prior_seconds_per_unit for n, d in self.done.items())
-    return measured / prior if prior > 0 and measured > 0 else 1.0
+    return (measured + PSEUDO_SECONDS) / (prior + PSEUDO_SECONDS)
 
   def seconds_left(self) -> float:
     factor = self.speed_factor()
