@@ -409,7 +409,7 @@ def bfloat16_matmul_speedup(n: int = 1024, repeats: int = 5) -> float:
 
 DTYPE_FILE = "demo_dtype.json"
 # bfloat16 rounds every matmul input; it is chosen only where it is clearly faster. Measured 1024^3
-# speedups: 1.6x on CPUs with native bfloat16 dot products, 0.58-0.65x on AVX2 / AVX-512 CPUs without.
+# speedups: 1.6x on CPUs with native bfloat16 dot products, 0.43-0.65x on AVX2 / AVX-512 CPUs without.
 BFLOAT16_MIN_SPEEDUP = 1.2
 
 
