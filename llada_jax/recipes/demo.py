@@ -78,9 +78,19 @@ SMOKE = Recipe(n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_
                gen_length=16, block_length=8, steps=8)
 
 
+def _recipe_config(name: str, arg: str | None):
+  """The shipped recipe `demo_NAME[:ARG]`."""
+  return configs.load(f"demo_{name}" + (f":{arg}" if arg else ""))
+
+
+def _config_dtype() -> str:
+  """The compute dtype the recipe's config files give every stage."""
+  return _recipe_config("pretrain", None).model.dtype
+
+
 def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.Path, files, tokenizer: str,
                   steps: int | None, seed: int = 0):
-  config = configs.load(f"demo_{name}" + (f":{arg}" if arg else ""))
+  config = _recipe_config(name, arg)
   config.workdir = str(workdir)
   config.data.train_files = tuple(str(f) for f in files)
   config.data.tokenizer = tokenizer
@@ -248,7 +258,7 @@ PRIOR_SECONDS = {"data": 10.0, "pretrain": 0.44, "sft": 0.43, "pairs": 0.0135, "
 
 
 def _steps(recipe: Recipe, name: str, arg: str | None, steps: int | None) -> int:
-  return steps if steps is not None else configs.load(f"demo_{name}" + (f":{arg}" if arg else "")).total_steps
+  return steps if steps is not None else _recipe_config(name, arg).total_steps
 
 
 def plan(recipe: Recipe) -> list[progress_lib.Stage]:
@@ -272,7 +282,7 @@ def plan(recipe: Recipe) -> list[progress_lib.Stage]:
 def _record_dtype(workdir: pathlib.Path, recipe: Recipe) -> None:
   """Keeps the compute dtype a workdir's runs were trained in: resuming in another would mix models."""
   path = workdir / DTYPE_FILE
-  dtype = recipe.dtype or configs.load("demo_pretrain").model.dtype
+  dtype = recipe.dtype or _config_dtype()
   stored = read_dtype(workdir)
   if stored is not None and stored != dtype:
     raise ValueError(f"{path}: the runs in {workdir} compute in {stored}; expected the same dtype to resume "
@@ -357,11 +367,14 @@ def run_demo(workdir, recipe: Recipe = FULL, emit=None) -> dict:
     return out
 
   def evaluate(run_name):
-    t, out_path = time.perf_counter(), workdir / run_name / "test_eval.json"
-    _tracked(progress, f"eval_{run_name}", finished(f"eval_{run_name}"),
-             lambda report: evaluate_run(workdir / run_name, tokenizer, test, recipe, out_path, on_batch=report))
-    timings[f"eval_{run_name}"] = time.perf_counter() - t
-    return evaluate_run(workdir / run_name, tokenizer, test, recipe, out_path)  # read back
+    t, name = time.perf_counter(), f"eval_{run_name}"
+    if not finished(name):  # evaluate_run reads a finished evaluation back
+      progress.begin(name)
+    result = evaluate_run(workdir / run_name, tokenizer, test, recipe, workdir / run_name / "test_eval.json",
+                          on_batch=lambda done, _: progress.update(name, done))
+    progress.end(name)
+    timings[name] = time.perf_counter() - t
+    return result
 
   def make_pairs(report):
     prompts = demo_task.read_jsonl(data_dir / "train.jsonl")
@@ -426,7 +439,7 @@ def read_dtype(workdir) -> str | None:
       raise ValueError(f"{path}: dtype {dtype!r}; expected 'float32' or 'bfloat16'")
     return dtype
   if (workdir / "pretrain").exists():  # a workdir from before the choice was recorded: the recipe's dtype
-    return configs.load("demo_pretrain").model.dtype
+    return _config_dtype()
   return None
 
 
