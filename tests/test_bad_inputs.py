@@ -181,20 +181,27 @@ def test_train_out_of_device_memory_is_one_line_with_a_hint(monkeypatch, capsys)
   assert "config.data.seq_len" in err[0] and "config.grad_accum_steps" in err[0] and "bfloat16" in err[0]
 
 
-DEMO_CASES = [
-    ("demo_unknown_dtype", None, ["--dtype=fp16"], r"--dtype=fp16: expected auto, float32 or bfloat16"),
-    ("demo_other_dtype", '{"dtype": "float32"}', ["--dtype=bfloat16"], r"compute in float32; expected --dtype=float32"),
-    ("demo_damaged_dtype_record", '{"dtype": 3', [], r"demo_dtype\.json: unreadable"),
+DEMO_CASES = [  # (id, {record file: content}, flags, expected error)
+    ("demo_unknown_dtype", {}, ["--dtype=fp16"], r"--dtype=fp16: expected auto, float32 or bfloat16"),
+    ("demo_other_dtype", {"demo_dtype.json": '{"dtype": "float32"}'}, ["--dtype=bfloat16"],
+     r"compute in float32; expected --dtype=float32"),
+    ("demo_damaged_dtype_record", {"demo_dtype.json": '{"dtype": 3'}, [], r"demo_dtype\.json: unreadable"),
+    ("demo_two_recipes", {}, ["--full"], r"--full and --smoke: expected at most one recipe flag"),
+    ("demo_other_recipe", {"demo_recipe.json": '{"recipe": "full"}'}, [],
+     r"demo_recipe\.json: the runs in .* come from the full recipe; expected the same recipe to resume them \(--full\)"),
+    ("demo_unknown_recipe", {"demo_recipe.json": '{"recipe": "huge"}'}, [],
+     r"demo_recipe\.json: recipe 'huge'; expected one of lean, full, smoke"),
+    ("demo_damaged_recipe_record", {"demo_recipe.json": "[]"}, [], r"demo_recipe\.json: unreadable"),
 ]
 
 
 @pytest.mark.parametrize("case", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
 def test_demo_bad_input(case, tmp_path):
-  _, record, args, pattern = case
+  _, records, args, pattern = case
   workdir = tmp_path / "demo"
   workdir.mkdir()
-  if record is not None:
-    (workdir / "demo_dtype.json").write_text(record)
+  for name, content in records.items():
+    (workdir / name).write_text(content)
   before = _files(workdir)
   assert_one_line_error(_run("llada_jax.demo", ["--smoke", f"--workdir={workdir}", *args], tmp_path), pattern)
   assert _files(workdir) == before  # nothing started, nothing written

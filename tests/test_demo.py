@@ -111,3 +111,45 @@ def test_choose_dtype_refuses_an_unknown_dtype(tmp_path):
 def test_bfloat16_matmul_speedup_is_measured():
   speedup = demo.bfloat16_matmul_speedup(n=64, repeats=2)  # whatever the host
   assert np.isfinite(speedup) and speedup > 0
+
+
+def test_a_workdir_keeps_the_recipe_it_was_started_with(tmp_path):
+  assert demo.read_recipe(tmp_path) is None  # a new workdir takes any recipe
+  demo.check_recipe(tmp_path, demo.FULL)
+  demo._record_recipe(tmp_path, demo.LEAN)
+  assert json.loads((tmp_path / demo.RECIPE_FILE).read_text()) == {"recipe": "lean"}
+  demo._record_recipe(tmp_path, dataclasses.replace(demo.LEAN, seeds=(3,)))  # other seeds: the same recipe
+  with pytest.raises(ValueError, match=r"come from the lean recipe; expected the same recipe to resume them "
+                                       r"\(no recipe flag\)"):
+    demo.check_recipe(tmp_path, demo.FULL)
+  assert json.loads((tmp_path / demo.RECIPE_FILE).read_text()) == {"recipe": "lean"}
+
+
+def test_every_recipe_is_registered_under_its_own_name():
+  assert {name: r.name for name, r in demo.RECIPES.items()} == {name: name for name in demo.RECIPES}
+  assert set(demo.RECIPE_FLAGS) == set(demo.RECIPES)
+
+
+def test_stage_overrides_change_one_stage_only(tmp_path):
+  recipe = dataclasses.replace(demo.FULL, stage_overrides=(("sft", "optimizer.lr", 1.5e-3),
+                                                           ("pretrain", "data.global_batch_size", 8)))
+  configs = {name: demo._stage_config(recipe, name, None, tmp_path / name, [], "tok.model", None)
+             for name in ("pretrain", "sft", "vrpo")}
+  assert configs["sft"].optimizer.lr == 1.5e-3 and configs["pretrain"].optimizer.lr != 1.5e-3
+  assert configs["pretrain"].data.global_batch_size == 8 and configs["sft"].data.global_batch_size != 8
+  assert configs["vrpo"].optimizer.lr == demo.configs.load("demo_vrpo").optimizer.lr
+
+
+def test_recipe_priors_replace_the_default_ones():
+  recipe = dataclasses.replace(demo.FULL, prior_seconds=(("sft", 0.1),))
+  priors = {s.name: s.prior_seconds_per_unit for s in demo.plan(recipe)}
+  assert priors["sft"] == 0.1 and priors["pretrain"] == demo.PRIOR_SECONDS["pretrain"]
+
+
+def test_the_lean_recipe_plans_its_own_steps_and_model():
+  units = {s.name: s.units for s in demo.plan(demo.LEAN)}
+  assert (units["pretrain"], units["sft"]) == (demo.LEAN.pretrain_steps, demo.LEAN.sft_steps)
+  config = demo._stage_config(demo.LEAN, "sft", None, "/tmp/unused", [], "tok.model", demo.LEAN.sft_steps)
+  assert (config.model.d_model, config.model.n_layers, config.optimizer.lr) == (128, 6, 1.5e-3)
+  full = demo._stage_config(demo.FULL, "sft", None, "/tmp/unused", [], "tok.model", None)
+  assert full.model.d_model == 256 and full.total_steps == 1800

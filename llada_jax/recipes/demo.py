@@ -34,8 +34,10 @@ from llada_jax.sampling import SamplerConfig
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """Sizes of one demo run; `FULL` is the documented recipe (docs/demo.md), `SMOKE` a seconds-long version for tests."""
+  """Sizes of one demo run: `LEAN` is the default, `FULL` the longer recipe of the earlier tables
+  (docs/demo.md), `SMOKE` a seconds-long version for tests."""
 
+  name: str = "full"  # kept in the workdir: a resume continues with the recipe that started it
   level: str = "easy"
   n_train: int = 20000
   n_validation: int = 200
@@ -57,6 +59,8 @@ class Recipe:
   model_overrides: tuple = ()  # (field, value) pairs applied to every stage's model
   batch_overrides: tuple = ()  # (stage, global_batch_size)
   optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
+  stage_overrides: tuple = ()  # (stage, "section.field", value) applied to one stage, after the others
+  prior_seconds: tuple = ()  # (kind, seconds per unit): this recipe's entries of PRIOR_SECONDS
   seq_len: int | None = None  # None: the config files' value
   dtype: str | None = None  # compute dtype of every stage; None: the config files' value (`choose_dtype`)
   # Up to 32 answer tokens in two semi-autoregressive blocks, dual KV cache and confidence-
@@ -69,13 +73,24 @@ class Recipe:
 
 
 FULL = Recipe()
-SMOKE = Recipe(n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_steps=3, sft_steps=3, vrpo_steps=2,
+SMOKE = Recipe(name="smoke", n_train=200, n_validation=8, n_test=16, vocab_size=320, pretrain_steps=3, sft_steps=3, vrpo_steps=2,
                pref_prompts=16, samples_per_prompt=2, gold_fallback=True, seeds=(0,), eval_batch=16,
                table2=(("n_pairs", 8), ("batch_size", 4), ("n_repeats", 2)),
                model_overrides=(("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("mlp_hidden_size", 128),
                                 ("vocab_size", 320)),
                batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 8)), optimizer_overrides=(("warmup_steps", 0),), seq_len=160,
                gen_length=16, block_length=8, steps=8)
+# The default: the same chain on a 1.8M-parameter model, a short pretraining stage and a faster SFT
+# schedule, chosen by the measurements in docs/demo.md ("How the lean recipe was chosen"). The smaller
+# model needs a larger alignment step: at FULL's 2e-5 neither method moved it.
+LEAN = Recipe(name="lean", pretrain_steps=200, sft_steps=2000,
+              model_overrides=(("d_model", 128), ("n_layers", 6), ("n_heads", 4), ("mlp_hidden_size", 512)),
+              stage_overrides=(("sft", "optimizer.lr", 1.5e-3), ("vrpo", "optimizer.lr", 1e-4)),
+              # Seconds per unit measured on a 2-core CPU without native bfloat16, in float32.
+              prior_seconds=(("data", 2.0), ("pretrain", 0.40), ("sft", 0.345), ("pairs", 0.0112), ("eval", 0.012),
+                             ("vrpo", 2.6), ("naive_dpo", 1.3), ("table2", 19.7)))
+RECIPES = {"lean": LEAN, "full": FULL, "smoke": SMOKE}
+RECIPE_FLAGS = {"lean": "no recipe flag", "full": "--full", "smoke": "--smoke"}
 
 
 def _recipe_config(name: str, arg: str | None):
@@ -108,6 +123,10 @@ def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.P
   for stage, batch in recipe.batch_overrides:
     if stage == name:
       config.data.global_batch_size = batch
+  for stage, path, value in recipe.stage_overrides:
+    if stage == name:
+      section, field = path.split(".")
+      config[section][field] = value
   config.logging.progress_bar = False
   return config
 
@@ -263,19 +282,20 @@ def _steps(recipe: Recipe, name: str, arg: str | None, steps: int | None) -> int
 
 def plan(recipe: Recipe) -> list[progress_lib.Stage]:
   """The chain's stages in the order `run_demo` runs them, with their sizes and prior costs."""
-  stages = [progress_lib.Stage("data", 1, "stage", PRIOR_SECONDS["data"]),
+  prior = {**PRIOR_SECONDS, **dict(recipe.prior_seconds)}
+  stages = [progress_lib.Stage("data", 1, "stage", prior["data"]),
             progress_lib.Stage("pretrain", _steps(recipe, "pretrain", None, recipe.pretrain_steps), "step",
-                               PRIOR_SECONDS["pretrain"]),
-            progress_lib.Stage("sft", _steps(recipe, "sft", None, recipe.sft_steps), "step", PRIOR_SECONDS["sft"]),
+                               prior["pretrain"]),
+            progress_lib.Stage("sft", _steps(recipe, "sft", None, recipe.sft_steps), "step", prior["sft"]),
             progress_lib.Stage("pairs", recipe.pref_prompts * recipe.samples_per_prompt, "sample",
-                               PRIOR_SECONDS["pairs"]),
-            progress_lib.Stage("eval_sft", recipe.n_test, "problem", PRIOR_SECONDS["eval"])]
+                               prior["pairs"]),
+            progress_lib.Stage("eval_sft", recipe.n_test, "problem", prior["eval"])]
   for seed in recipe.seeds:
     for variant in ("vrpo", "naive_dpo"):
       stages += [progress_lib.Stage(f"{variant}_seed{seed}", _steps(recipe, "vrpo", variant, recipe.vrpo_steps),
-                                    "step", PRIOR_SECONDS[variant]),
-                 progress_lib.Stage(f"eval_{variant}_seed{seed}", recipe.n_test, "problem", PRIOR_SECONDS["eval"])]
-  stages.append(progress_lib.Stage("table2", len(TABLE2_SETTINGS), "setting", PRIOR_SECONDS["table2"]))
+                                    "step", prior[variant]),
+                 progress_lib.Stage(f"eval_{variant}_seed{seed}", recipe.n_test, "problem", prior["eval"])]
+  stages.append(progress_lib.Stage("table2", len(TABLE2_SETTINGS), "setting", prior["table2"]))
   return stages
 
 
@@ -289,6 +309,38 @@ def _record_dtype(workdir: pathlib.Path, recipe: Recipe) -> None:
                      f"(got {dtype}): pass --dtype {stored} or use a new --workdir")
   if stored is None:
     files.write_json_atomic(path, {"dtype": dtype})
+
+
+RECIPE_FILE = "demo_recipe.json"
+
+
+def read_recipe(workdir) -> str | None:
+  """The name of the recipe that made the runs in `workdir`, or None: a new workdir, or one from before
+  the recipe was recorded (there each training stage's own resume check refuses another model)."""
+  path = pathlib.Path(workdir) / RECIPE_FILE
+  if not path.exists():
+    return None
+  try:
+    name = json.loads(path.read_text())["recipe"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: unreadable ({e}); expected {{\"recipe\": one of {', '.join(RECIPES)}}}") from None
+  if name not in RECIPES:
+    raise ValueError(f"{path}: recipe {name!r}; expected one of {', '.join(RECIPES)}")
+  return name
+
+
+def check_recipe(workdir, recipe: Recipe) -> None:
+  """Refuses to resume a workdir with another recipe than the one that started it (the models would not match)."""
+  stored = read_recipe(workdir)
+  if stored is not None and stored != recipe.name:
+    raise ValueError(f"{pathlib.Path(workdir) / RECIPE_FILE}: the runs in {workdir} come from the {stored} recipe; "
+                     f"expected the same recipe to resume them ({RECIPE_FLAGS[stored]}) or a new --workdir")
+
+
+def _record_recipe(workdir: pathlib.Path, recipe: Recipe) -> None:
+  check_recipe(workdir, recipe)
+  if read_recipe(workdir) is None:
+    files.write_json_atomic(workdir / RECIPE_FILE, {"recipe": recipe.name})
 
 
 def _tracked(progress, name: str, done: bool, work) -> None:
@@ -337,10 +389,11 @@ def _summary(recipe: Recipe, workdir: pathlib.Path, results: dict, table: list, 
   }
 
 
-def run_demo(workdir, recipe: Recipe = FULL, emit=None) -> dict:
+def run_demo(workdir, recipe: Recipe = LEAN, emit=None) -> dict:
   """Runs (or resumes) the chain in `workdir`; `emit(line)` gets the progress lines (default: the log)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  _record_recipe(workdir, recipe)
   _record_dtype(workdir, recipe)
   progress = progress_lib.ChainProgress(plan(recipe), emit=emit or (lambda line: logging.info("demo %s", line)))
   outputs = _stage_outputs(workdir, recipe)
