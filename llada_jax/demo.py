@@ -29,6 +29,8 @@ def main(argv):
     return cli.fail("--full and --smoke: expected at most one recipe flag")
   recipe = demo.SMOKE if _SMOKE.value else demo.FULL if _FULL.value else demo.LEAN
   if _SEEDS.value:
+    if not all(s.strip().isdigit() for s in _SEEDS.value):
+      return cli.fail(ValueError(f"--seeds={','.join(_SEEDS.value)}: expected integers >= 0, comma-separated"))
     recipe = dataclasses.replace(recipe, seeds=tuple(int(s) for s in _SEEDS.value))
   try:
     demo.check_recipe(_WORKDIR.value, recipe)

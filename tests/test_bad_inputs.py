@@ -192,6 +192,7 @@ DEMO_CASES = [  # (id, {record file: content}, flags, expected error)
     ("demo_unknown_recipe", {"demo_recipe.json": '{"recipe": "huge"}'}, [],
      r"demo_recipe\.json: recipe 'huge'; expected one of lean, full, smoke"),
     ("demo_damaged_recipe_record", {"demo_recipe.json": "[]"}, [], r"demo_recipe\.json: unreadable"),
+    ("demo_bad_seeds", {}, ["--seeds=0,x"], r"--seeds=0,x: expected integers >= 0, comma-separated"),
 ]
 
 
