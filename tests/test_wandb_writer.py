@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -65,6 +66,20 @@ def _run_files(workdir):
   return sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+def _finished_runs(workdir, n, timeout_s=60.0):
+  """The `n` offline runs under `workdir`, read back once each holds its history. W&B's service
+  process writes the files; on a loaded machine the last records can land after `finish()` returns."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      runs = [_read_run(path) for path in _run_files(workdir)]
+    except Exception:  # noqa: BLE001 - a record still being written does not parse yet
+      runs = []
+    if (len(runs) == n and all(history for _, history, _ in runs)) or time.monotonic() > deadline:
+      return runs
+    time.sleep(0.5)
+
+
 def test_offline_run_holds_scalars_text_and_config_and_resumes_the_same_run(offline, tmp_path):
   pytest.importorskip("wandb")
   workdir = tmp_path / "run"
@@ -77,7 +92,7 @@ def test_offline_run_holds_scalars_text_and_config_and_resumes_the_same_run(offl
   with metrics.MetricWriter(workdir, enabled=True, tensorboard=False, wandb=settings) as writer:  # a resume
     writer.write_scalars(3, {"loss": 1.5})
 
-  runs = [_read_run(path) for path in _run_files(workdir)]
+  runs = _finished_runs(workdir, 2)
   assert len(runs) == 2
   # Directory names hold the start second (and "-1" when two share it), so order runs by their steps.
   first, second = sorted(runs, key=lambda run: min(run[1]))
