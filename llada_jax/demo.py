@@ -26,7 +26,7 @@ _DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype: float32, bfloat16,
 def main(argv):
   del argv
   if _FULL.value and _SMOKE.value:
-    return cli.fail("--full and --smoke: expected at most one recipe flag")
+    return cli.fail(ValueError("--full and --smoke: expected at most one recipe flag"))
   recipe = demo.SMOKE if _SMOKE.value else demo.FULL if _FULL.value else demo.LEAN
   if _SEEDS.value:
     if not all(s.strip().isdigit() for s in _SEEDS.value):

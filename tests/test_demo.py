@@ -103,6 +103,19 @@ def test_a_damaged_dtype_record_is_one_clear_error(tmp_path, content, message):
   assert demo.DTYPE_FILE in str(e.value)
 
 
+@pytest.mark.parametrize("content, message", [
+    ("{", "unreadable"),
+    ('{"dtype": "float32"}', "unreadable"),
+    ('{"recipe": ["lean"]}', r"recipe \['lean'\]; expected one of lean, full, smoke"),
+    ('{"recipe": "huge"}', "recipe 'huge'; expected one of lean, full, smoke"),
+])
+def test_a_damaged_recipe_record_is_one_clear_error(tmp_path, content, message):
+  (tmp_path / demo.RECIPE_FILE).write_text(content)
+  with pytest.raises(ValueError, match=message) as e:
+    demo.check_recipe(tmp_path, demo.LEAN)
+  assert demo.RECIPE_FILE in str(e.value)
+
+
 def test_choose_dtype_refuses_an_unknown_dtype(tmp_path):
   with pytest.raises(ValueError, match="--dtype=fp16: expected auto, float32 or bfloat16"):
     demo.choose_dtype("fp16", tmp_path)

@@ -57,7 +57,6 @@ class Recipe:
   eval_batch: int = 50
   table2: tuple = (("n_pairs", 8), ("batch_size", 8), ("n_repeats", 16))
   model_overrides: tuple = ()  # (field, value) pairs applied to every stage's model
-  batch_overrides: tuple = ()  # (stage, global_batch_size)
   optimizer_overrides: tuple = ()  # (field, value) pairs applied to every stage's optimizer
   stage_overrides: tuple = ()  # (stage, "section.field", value) applied to one stage, after the others
   prior_seconds: tuple = ()  # (kind, seconds per unit): this recipe's entries of PRIOR_SECONDS
@@ -78,7 +77,8 @@ SMOKE = Recipe(name="smoke", n_train=200, n_validation=8, n_test=16, vocab_size=
                table2=(("n_pairs", 8), ("batch_size", 4), ("n_repeats", 2)),
                model_overrides=(("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("mlp_hidden_size", 128),
                                 ("vocab_size", 320)),
-               batch_overrides=(("pretrain", 8), ("sft", 8), ("vrpo", 8)), optimizer_overrides=(("warmup_steps", 0),), seq_len=160,
+               stage_overrides=tuple((stage, "data.global_batch_size", 8) for stage in ("pretrain", "sft", "vrpo")),
+               optimizer_overrides=(("warmup_steps", 0),), seq_len=160,
                gen_length=16, block_length=8, steps=8)
 # The default: the same chain on a 1.8M-parameter model, a short pretraining stage and a faster SFT
 # schedule, chosen by the measurements in docs/demo.md ("How the lean recipe was chosen"). The smaller
@@ -120,9 +120,6 @@ def _stage_config(recipe: Recipe, name: str, arg: str | None, workdir: pathlib.P
     config.model.dtype = recipe.dtype
   for field, value in recipe.optimizer_overrides:
     config.optimizer[field] = value
-  for stage, batch in recipe.batch_overrides:
-    if stage == name:
-      config.data.global_batch_size = batch
   for stage, path, value in recipe.stage_overrides:
     if stage == name:
       section, field = path.split(".")
@@ -314,32 +311,38 @@ def _record_dtype(workdir: pathlib.Path, recipe: Recipe) -> None:
 RECIPE_FILE = "demo_recipe.json"
 
 
-def read_recipe(workdir) -> str | None:
-  """The name of the recipe that made the runs in `workdir`, or None: a new workdir, or one from before
-  the recipe was recorded (there each training stage's own resume check refuses another model)."""
-  path = pathlib.Path(workdir) / RECIPE_FILE
+def _read_record(path: pathlib.Path, key: str, allowed, expected: str) -> str | None:
+  """`key` of the workdir's JSON record at `path` (None when there is none), one of `allowed`;
+  `expected` says which values those are, in the error line."""
   if not path.exists():
     return None
   try:
-    name = json.loads(path.read_text())["recipe"]
+    value = json.loads(path.read_text())[key]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"{path}: unreadable ({e}); expected {{\"recipe\": one of {', '.join(RECIPES)}}}") from None
-  if name not in RECIPES:
-    raise ValueError(f"{path}: recipe {name!r}; expected one of {', '.join(RECIPES)}")
-  return name
+    raise ValueError(f"{path}: unreadable ({e}); expected {{\"{key}\": {expected}}}") from None
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{path}: {key} {value!r}; expected {expected}")
+  return value
 
 
-def check_recipe(workdir, recipe: Recipe) -> None:
-  """Refuses to resume a workdir with another recipe than the one that started it (the models would not match)."""
+def read_recipe(workdir) -> str | None:
+  """The name of the recipe that made the runs in `workdir`, or None: a new workdir, or one from before
+  the recipe was recorded (there each training stage's own resume check refuses another model)."""
+  return _read_record(pathlib.Path(workdir) / RECIPE_FILE, "recipe", RECIPES, f"one of {', '.join(RECIPES)}")
+
+
+def check_recipe(workdir, recipe: Recipe) -> str | None:
+  """Refuses to resume a workdir with another recipe than the one that started it (the models would
+  not match); returns the recipe recorded there, if any."""
   stored = read_recipe(workdir)
   if stored is not None and stored != recipe.name:
     raise ValueError(f"{pathlib.Path(workdir) / RECIPE_FILE}: the runs in {workdir} come from the {stored} recipe; "
                      f"expected the same recipe to resume them ({RECIPE_FLAGS[stored]}) or a new --workdir")
+  return stored
 
 
 def _record_recipe(workdir: pathlib.Path, recipe: Recipe) -> None:
-  check_recipe(workdir, recipe)
-  if read_recipe(workdir) is None:
+  if check_recipe(workdir, recipe) is None:
     files.write_json_atomic(workdir / RECIPE_FILE, {"recipe": recipe.name})
 
 
@@ -482,14 +485,8 @@ BFLOAT16_MIN_SPEEDUP = 1.2
 def read_dtype(workdir) -> str | None:
   """The compute dtype of the runs in `workdir`, or None for a new workdir."""
   workdir = pathlib.Path(workdir)
-  path = workdir / DTYPE_FILE
-  if path.exists():
-    try:
-      dtype = json.loads(path.read_text())["dtype"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"{path}: unreadable ({e}); expected {{\"dtype\": \"float32\" or \"bfloat16\"}}") from None
-    if dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"{path}: dtype {dtype!r}; expected 'float32' or 'bfloat16'")
+  dtype = _read_record(workdir / DTYPE_FILE, "dtype", ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+  if dtype is not None:
     return dtype
   if (workdir / "pretrain").exists():  # a workdir from before the choice was recorded: the recipe's dtype
     return _config_dtype()
